@@ -1,0 +1,1 @@
+"""The varreg command line (installed as the package ``varreg_cli``)."""

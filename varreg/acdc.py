@@ -1,0 +1,74 @@
+"""The ACDC ED/ES layout of ``../shared/data/acdc`` and the paper's 2D evaluation protocol.
+
+Files per patient: ``patientNNN_{ED,ES}.nii.gz`` (float32 images in [0, 1]) and
+``patientNNN_{ED,ES}_gt.nii.gz`` (uint8 labels: 1 RV, 2 Myo, 3 LV), arrays
+``(H, W, slices)``. Split by patient number: train ``n % 5 in {1, 2, 3}``,
+validation ``n % 5 == 4``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["LABELS", "SPLITS", "Case", "patients", "load_case", "slice_pairs"]
+
+LABELS = {1: "RV", 2: "Myo", 3: "LV"}
+SPLITS = {"train": {1, 2, 3}, "val": {4}, "all": {0, 1, 2, 3, 4}}
+
+
+@dataclass
+class Case:
+    """One patient: ``ed``/``es`` images and labels, arrays ``(H, W, slices)``; ``spacing`` in mm (or 1s)."""
+
+    patient: str
+    ed: np.ndarray
+    es: np.ndarray
+    ed_gt: np.ndarray
+    es_gt: np.ndarray
+    spacing: tuple
+
+
+def patients(root, split: str = "all") -> list[str]:
+    """Patient ids (``patient004`` ...) under ``root`` in ``split`` (``train``, ``val`` or ``all``), sorted."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ACDC folder {root} does not exist")
+    out = []
+    for p in sorted(root.glob("patient*_ED.nii.gz")):
+        m = re.match(r"(patient(\d+))_ED\.nii\.gz$", p.name)
+        if m and int(m.group(2)) % 5 in SPLITS[split]:
+            out.append(m.group(1))
+    return out
+
+
+def load_case(root, patient: str) -> Case:
+    """Read one patient's ED/ES images and labels with nibabel."""
+    import nibabel as nib
+
+    root = Path(root)
+
+    def read(suffix, dtype):
+        img = nib.load(str(root / f"{patient}_{suffix}.nii.gz"))
+        return np.asarray(img.dataobj, dtype=dtype), tuple(float(z) for z in img.header.get_zooms()[:3])
+
+    ed, spacing = read("ED", np.float32)
+    es, _ = read("ES", np.float32)
+    ed_gt, _ = read("ED_gt", np.uint8)
+    es_gt, _ = read("ES_gt", np.uint8)
+    return Case(patient, ed, es, ed_gt, es_gt, spacing)
+
+
+def slice_pairs(case: Case):
+    """The paper's 2D protocol: slice indices where LV, Myo and RV are present in both phases.
+
+    Yields ``(z, fixed=ED slice, moving=ES slice, fixed_labels=ED gt, moving_labels=ES gt)``.
+    """
+    for z in range(case.ed.shape[2]):
+        a, b = case.ed_gt[..., z], case.es_gt[..., z]
+        if all((a == k).any() and (b == k).any() for k in LABELS):
+            yield z, case.ed[..., z], case.es[..., z], a, b

@@ -1,0 +1,106 @@
+"""Array backends: which namespace an array lives in, device selection, transfers.
+
+The solver is written once against the array API standard (through
+``array_api_compat``) and runs on NumPy arrays (CPU, with fused numba kernels),
+CuPy arrays (GPU) and torch tensors (VR-Net, autograd). Operations that the
+standard does not define (interpolation, Gaussian filtering, resizing) live in
+:mod:`varreg.resample`, which dispatches on the namespace.
+
+``device="auto"`` picks a GPU only when CuPy can really allocate on one:
+importing CuPy succeeds on machines with no driver, so an import is no proof.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace, is_torch_namespace
+
+__all__ = [
+    "namespace",
+    "is_numpy",
+    "is_cupy",
+    "is_torch",
+    "gpu_available",
+    "resolve_device",
+    "to_device",
+    "to_numpy",
+]
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+def namespace(*arrays):
+    """The array-API namespace shared by ``arrays`` (numpy, cupy, torch, array_api_strict...)."""
+    return array_namespace(*arrays)
+
+
+def is_numpy(xp) -> bool:
+    return is_numpy_namespace(xp)
+
+
+def is_cupy(xp) -> bool:
+    return is_cupy_namespace(xp)
+
+
+def is_torch(xp) -> bool:
+    return is_torch_namespace(xp)
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_probe() -> str | None:
+    """``None`` when CuPy can allocate on a GPU, else the reason it cannot."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        return f"CuPy is not installed or failed to import ({type(exc).__name__}: {exc}); install the 'gpu' extra"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy found no CUDA device"
+        x = cupy.arange(4, dtype=cupy.float32)
+        float((x * 2).sum())
+    except Exception as exc:  # no driver, no device, out of memory
+        return f"CuPy cannot use a GPU ({type(exc).__name__}: {exc})"
+    return None
+
+
+def gpu_available() -> bool:
+    """True when CuPy is installed and can allocate and compute on a GPU."""
+    return _gpu_probe() is None
+
+
+def resolve_device(device: str) -> str:
+    """Map ``"auto" | "cpu" | "gpu"`` to ``"cpu"`` or ``"gpu"``.
+
+    ``"gpu"`` where no GPU is usable raises a ``RuntimeError`` naming the reason;
+    ``"auto"`` falls back to the CPU.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    reason = _gpu_probe()
+    if device == "gpu" and reason is not None:
+        raise RuntimeError(f"device='gpu' was asked for but no GPU is usable: {reason}. Use device='cpu' or 'auto'.")
+    return "cpu" if reason is not None else "gpu"
+
+
+def to_device(array, device: str):
+    """Copy a NumPy-compatible array to ``"cpu"`` (NumPy) or ``"gpu"`` (CuPy)."""
+    if device == "gpu":
+        import cupy
+
+        return cupy.asarray(array)
+    return to_numpy(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    """A NumPy view or copy of a NumPy, CuPy or torch array."""
+    if isinstance(array, np.ndarray):
+        return array
+    mod = type(array).__module__
+    if mod.startswith("cupy"):
+        return array.get()
+    if mod.startswith("torch"):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)

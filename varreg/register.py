@@ -1,0 +1,218 @@
+"""The public entry point: :func:`register` and its result."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backend
+from .data_terms import make_data_term
+from .denoisers import make_denoiser
+from .engine import solve
+from .pyramid import coarse_to_fine, level_shapes
+from .resample import warp as _warp
+
+__all__ = ["register", "RegistrationResult", "DEFAULTS", "validate_pair"]
+
+#: Default schedule and weights per data term, chosen on the ACDC *train* split
+#: (patients with number % 5 in {1, 2, 3}); see benchmarks/tune_defaults.py.
+#: theta: penalty of the splitting; lam: weight of the regulariser
+#: (the denoiser solves R(v) + |v - u|^2 / (2 lam / theta)).
+DEFAULTS = {
+    "l1": dict(theta=0.3, lam=0.1, warps=5, iterations=10, denoiser_iterations=2),
+    "l2": dict(theta=0.02, lam=0.005, warps=5, iterations=10, denoiser_iterations=2),
+}
+DEFAULT_SCALE = 0.5
+DEFAULT_MIN_SIZE = 16
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` returns.
+
+    Attributes
+    ----------
+    displacement : array ``(ndim, *fixed.shape)``, float32, voxel units of the
+        fixed grid, pull-back: ``moving(x + displacement(x))`` matches ``fixed(x)``.
+    warped : the moving image resampled by ``displacement`` (``fixed.shape``).
+    info : run information (options used, pyramid shapes, time in seconds, device).
+    """
+
+    displacement: object
+    warped: object
+    info: dict = field(default_factory=dict)
+
+
+def _as_array(name, a):
+    mod = type(a).__module__
+    if mod.startswith("cupy"):
+        return a
+    if mod.startswith("torch"):
+        raise TypeError(f"{name}: torch tensors are not taken by varreg.register; pass a NumPy array (or use varreg_learned)")
+    try:
+        return np.asarray(a)
+    except Exception as exc:
+        raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
+
+
+def validate_pair(fixed, moving):
+    """Check a fixed/moving pair; returns them as arrays or raises ``ValueError``/``TypeError``."""
+    fixed = _as_array("fixed", fixed)
+    moving = _as_array("moving", moving)
+    for name, a in (("fixed", fixed), ("moving", moving)):
+        kind = a.dtype.kind
+        if kind == "b":
+            raise TypeError(f"{name} image is boolean; registration needs intensities (convert with .astype(float) if intended)")
+        if kind == "c":
+            raise TypeError(f"{name} image is complex; register the magnitude (abs) or the real part instead")
+        if kind not in "fiu":
+            raise TypeError(f"{name} image has dtype {a.dtype}; expected a real numeric array")
+        if a.ndim not in (2, 3):
+            hint = " (a 4-D series: pick one frame, e.g. image[..., t])" if a.ndim == 4 else ""
+            raise ValueError(f"{name} image has {a.ndim} dimension(s), shape {tuple(a.shape)}; varreg registers 2-D or 3-D images{hint}")
+        if min(a.shape) < 4:
+            raise ValueError(f"{name} image of shape {tuple(a.shape)} is too small: every axis needs at least 4 voxels")
+        if kind == "f":
+            xp = backend.namespace(a)
+            if not bool(xp.all(xp.isfinite(a))):
+                raise ValueError(f"{name} image contains NaN or Inf values; replace them (e.g. numpy.nan_to_num) or mask them first")
+    if tuple(fixed.shape) != tuple(moving.shape):
+        raise ValueError(
+            f"fixed and moving images differ in shape: {tuple(fixed.shape)} vs {tuple(moving.shape)}; "
+            "resample them onto one grid first (the CLI does this with --resample)"
+        )
+    return fixed, moving
+
+
+def _normalise(fixed, moving, xp):
+    """Joint min-max scaling of the pair to [0, 1] (float32); a constant pair maps to zeros."""
+    f = xp.astype(fixed, xp.float32) if fixed.dtype != xp.float32 else fixed
+    m = xp.astype(moving, xp.float32) if moving.dtype != xp.float32 else moving
+    lo = min(float(xp.min(f)), float(xp.min(m)))
+    hi = max(float(xp.max(f)), float(xp.max(m)))
+    scale = 1.0 / (hi - lo) if hi > lo else 1.0
+    return (f - lo) * scale, (m - lo) * scale
+
+
+def register(
+    fixed,
+    moving,
+    *,
+    data_term="l1",
+    denoiser="tv",
+    theta=None,
+    lam=None,
+    warps=None,
+    iterations=None,
+    denoiser_iterations=None,
+    levels=None,
+    scale=DEFAULT_SCALE,
+    min_size=DEFAULT_MIN_SIZE,
+    spacing=None,
+    initial=None,
+    normalise=True,
+    device="auto",
+):
+    """Deformable registration of ``moving`` onto ``fixed`` (TV-L1 and its relatives).
+
+    Minimises ``(1/s)|I1(x + u) - I0|^s + lam R(u)`` by Gauss-Newton warps,
+    variable splitting (point-wise data step, denoising step) and a
+    coarse-to-fine pyramid (Algorithm 1 of the VR-Net paper).
+
+    Parameters
+    ----------
+    fixed, moving : arrays of one shape, 2-D ``(H, W)`` or 3-D ``(D, H, W)``;
+        any real dtype. NumPy arrays run on the CPU; CuPy arrays on their GPU.
+    data_term : ``"l1"`` (default, robust) or ``"l2"`` (sum of squared differences).
+    denoiser : ``"tv"`` (default), ``"tv-vectorial"``, ``"huber"``, ``"quadratic"``
+        or a callable ``denoiser(u, weight) -> v`` (see :mod:`varreg.denoisers`).
+    theta, lam : splitting penalty and regularisation weight; defaults per data
+        term in :data:`DEFAULTS`, for intensities scaled to [0, 1] (``normalise``).
+    warps, iterations : Gauss-Newton warps per level and splitting iterations per warp.
+    denoiser_iterations : inner steps of a built-in denoiser per call.
+    levels, scale, min_size : pyramid: number of levels (``None``: down to
+        ``min_size`` voxels), shrink factor per level, smallest axis length.
+    spacing : voxel size per axis (any unit); only ratios matter: the
+        regulariser's differences are scaled by ``spacing / min(spacing)``.
+    initial : optional initial displacement ``(ndim, *fixed.shape)``.
+    normalise : scale the pair jointly to [0, 1] first (the defaults assume it).
+    device : ``"auto"`` (GPU if CuPy can use one), ``"cpu"`` or ``"gpu"``.
+
+    Returns
+    -------
+    RegistrationResult
+        ``.displacement`` ``(ndim, *fixed.shape)`` float32 in voxels, pull-back
+        (``moving(x + u(x)) ~ fixed(x)``); ``.warped``; ``.info``.
+
+    Examples
+    --------
+    >>> import numpy as np, varreg
+    >>> rng = np.random.default_rng(0)
+    >>> fixed = varreg.synthetic.smooth_random_image((64, 64), rng=rng)
+    >>> moving = np.roll(fixed, 2, axis=1)
+    >>> res = varreg.register(fixed, moving)
+    >>> res.displacement.shape
+    (2, 64, 64)
+    """
+    t0 = time.perf_counter()
+    fixed, moving = validate_pair(fixed, moving)
+    ndim = fixed.ndim
+    dterm = make_data_term(data_term)
+    defaults = DEFAULTS.get(getattr(dterm, "name", "l1"), DEFAULTS["l1"])
+    theta = defaults["theta"] if theta is None else theta
+    lam = defaults["lam"] if lam is None else lam
+    warps = defaults["warps"] if warps is None else warps
+    iterations = defaults["iterations"] if iterations is None else iterations
+    den_iters = defaults["denoiser_iterations"] if denoiser_iterations is None else denoiser_iterations
+    for name, val in (("theta", theta), ("lam", lam)):
+        if not (np.isscalar(val) and np.isfinite(val) and val > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {val!r}")
+    for name, val in (("warps", warps), ("iterations", iterations), ("denoiser_iterations", den_iters), ("min_size", min_size)):
+        if not (isinstance(val, (int, np.integer)) and val >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    if levels is not None and not (isinstance(levels, (int, np.integer)) and levels >= 1):
+        raise ValueError(f"levels must be a positive integer or None, got {levels!r}")
+    if spacing is None:
+        spacing = (1.0,) * ndim
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must hold {ndim} positive numbers, got {spacing}")
+    rel_spacing = tuple(s / min(spacing) for s in spacing)
+
+    dev = backend.resolve_device(device)
+    if type(fixed).__module__.startswith("cupy") and device == "cpu":
+        fixed, moving = backend.to_numpy(fixed), backend.to_numpy(moving)
+    fixed_d, moving_d = backend.to_device(fixed, dev), backend.to_device(moving, dev)
+    xp = backend.namespace(fixed_d)
+    if normalise:
+        f32, m32 = _normalise(fixed_d, moving_d, xp)
+    else:
+        f32, m32 = xp.astype(fixed_d, xp.float32), xp.astype(moving_d, xp.float32)
+
+    u0 = None
+    if initial is not None:
+        u0 = backend.to_device(np.asarray(backend.to_numpy(initial), dtype=np.float32), dev)
+        if tuple(u0.shape) != (ndim, *fixed.shape):
+            raise ValueError(f"initial displacement has shape {tuple(u0.shape)}; expected {(ndim, *fixed.shape)}")
+        if not bool(xp.all(xp.isfinite(u0))):
+            raise ValueError("initial displacement contains NaN or Inf values")
+
+    den = make_denoiser(denoiser, spacing=rel_spacing, n_iter=den_iters)
+    shapes = level_shapes(fixed.shape, scale=scale, levels=levels, min_size=min_size)
+
+    def solve_level(f, m, u, lvl):
+        return solve(f, m, u, data_term=dterm, denoiser=den, theta=theta, lam=lam,
+                     n_warps=warps, n_iters=iterations, ndim=ndim)
+
+    u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=scale, u0=u0)
+    moving_f = moving_d if moving_d.dtype.kind == "f" else xp.astype(moving_d, xp.float32)
+    warped = _warp(moving_f, u)
+    info = dict(
+        data_term=getattr(dterm, "name", type(dterm).__name__),
+        denoiser=denoiser if isinstance(denoiser, str) else getattr(denoiser, "__name__", type(denoiser).__name__),
+        theta=theta, lam=lam, warps=warps, iterations=iterations, denoiser_iterations=den_iters,
+        scale=scale, levels=len(shapes), shapes=shapes, spacing=spacing, device=dev,
+        time_s=time.perf_counter() - t0,
+    )
+    return RegistrationResult(displacement=u, warped=warped, info=info)

@@ -1,0 +1,184 @@
+"""Interpolation, Gaussian smoothing and resizing: the operations outside the array API.
+
+Each function dispatches on the array's namespace: NumPy (numba kernel or
+``scipy.ndimage``), CuPy (``cupyx.scipy.ndimage``) and torch
+(``torch.nn.functional``). All paths share one convention:
+
+* coordinates are voxel indices of the last ``ndim`` axes; a displacement ``u``
+  of shape ``(..., ndim, *spatial)`` pulls back: ``warp(f, u)(x) = f(x + u(x))``;
+* linear interpolation, border values replicated (coordinates clamped);
+* resizing maps corner voxel centres onto each other ("align corners"):
+  ``x_out * (n_in - 1) / (n_out - 1) = x_in``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import is_cupy, is_numpy, is_torch, namespace
+
+__all__ = ["warp", "gaussian_smooth", "resize", "resize_displacement"]
+
+
+def _ndimage(xp):
+    if is_cupy(xp):
+        import cupyx.scipy.ndimage as ndi
+    else:
+        import scipy.ndimage as ndi
+    return ndi
+
+
+# --------------------------------------------------------------------------- warp
+def warp(image, u, *, order: int = 1):
+    """Resample ``image`` at ``x + u(x)``.
+
+    Parameters
+    ----------
+    image : array, shape ``(*batch, *spatial)``; ``spatial`` has ``ndim = u.shape[-ndim-1]`` axes.
+    u : array, shape ``(*batch, ndim, *spatial)``, voxel units.
+    order : 1 for (bi/tri)linear, 0 for nearest neighbour (labels; dtype kept).
+
+    Returns
+    -------
+    array of ``image``'s shape; floating images keep their dtype, integer
+    images come back as float32 with ``order=1`` and unchanged with ``order=0``.
+    """
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order!r}")
+    xp = namespace(image, u)
+    ndim = _spatial_ndim(image, u)
+    if is_torch(xp):
+        return _warp_torch(image, u, ndim, order)
+    batch = image.shape[: image.ndim - ndim]
+    if batch:
+        flat_img = xp.reshape(image, (-1, *image.shape[-ndim:]))
+        flat_u = xp.reshape(u, (-1, ndim, *image.shape[-ndim:]))
+        out = [warp(flat_img[b, ...], flat_u[b, ...], order=order) for b in range(flat_img.shape[0])]
+        return xp.reshape(xp.stack(out), image.shape)
+    if is_numpy(xp) and order == 1:
+        from . import kernels
+
+        img = image if image.dtype.kind == "f" else image.astype(np.float32)
+        return kernels.warp_linear(np.ascontiguousarray(img), np.ascontiguousarray(u))
+    return _warp_ndimage(xp, image, u, order)
+
+
+def _spatial_ndim(image, u) -> int:
+    """Number of spatial axes: ``u`` is ``(*batch, ndim, *spatial)`` for ``image`` ``(*batch, *spatial)``."""
+    for k in (2, 3):
+        if u.ndim >= k + 1 and u.shape[u.ndim - k - 1] == k and tuple(u.shape[u.ndim - k:]) == tuple(image.shape[image.ndim - k:]):
+            if tuple(u.shape[: u.ndim - k - 1]) == tuple(image.shape[: image.ndim - k]):
+                return k
+    raise ValueError(
+        f"displacement of shape {tuple(u.shape)} does not fit image of shape {tuple(image.shape)}: "
+        "expected (ndim, *image.shape) with ndim 2 or 3"
+    )
+
+
+def _warp_ndimage(xp, image, u, order):
+    ndi = _ndimage(xp)
+    ndim = image.ndim
+    grid = xp.meshgrid(*[xp.arange(n, dtype=u.dtype) for n in image.shape], indexing="ij")
+    coords = xp.stack([grid[i] + u[i, ...] for i in range(ndim)])
+    img = image if (order == 0 or image.dtype.kind == "f") else image.astype(xp.float32)
+    if order == 0:
+        # round half up, then clamp: the same rule as the torch path below
+        coords = xp.stack([xp.clip(xp.floor(coords[i] + 0.5), 0, n - 1) for i, n in enumerate(image.shape)])
+    return ndi.map_coordinates(img, coords, order=order, mode="nearest")
+
+
+def _warp_torch(image, u, ndim, order):
+    import torch
+    import torch.nn.functional as F
+
+    spatial = tuple(image.shape[-ndim:])
+    batch = tuple(image.shape[: image.ndim - ndim])
+    img = image.reshape(-1, 1, *spatial)
+    disp = u.reshape(-1, ndim, *spatial)
+    dtype = img.dtype if img.is_floating_point() else torch.float32
+    grids = torch.meshgrid(*[torch.arange(n, device=u.device, dtype=disp.dtype) for n in spatial], indexing="ij")
+    coords = []
+    for i, n in enumerate(spatial):
+        c = grids[i] + disp[:, i]
+        if order == 0:
+            c = torch.floor(c + 0.5)
+        c = c.clamp(0, n - 1)
+        coords.append(c * (2.0 / max(n - 1, 1)) - 1.0)
+    # grid_sample wants (x, y[, z]) = reversed axis order in the last dimension
+    grid = torch.stack(coords[::-1], dim=-1)
+    mode = "nearest" if order == 0 else ("bilinear")
+    out = F.grid_sample(img.to(dtype), grid.to(dtype), mode=mode, padding_mode="border", align_corners=True)
+    out = out.reshape(*batch, *spatial)
+    if order == 0:
+        out = out.to(image.dtype)
+    return out
+
+
+# ------------------------------------------------------------------- smoothing
+def gaussian_smooth(image, sigma: float, ndim: int):
+    """Gaussian filter of standard deviation ``sigma`` voxels over the last ``ndim`` axes (border replicated)."""
+    if sigma <= 0:
+        return image
+    xp = namespace(image)
+    if is_torch(xp):
+        return _gaussian_torch(image, sigma, ndim)
+    ndi = _ndimage(xp)
+    sig = [0.0] * (image.ndim - ndim) + [float(sigma)] * ndim
+    return ndi.gaussian_filter(image, sig, mode="nearest", truncate=3.0)
+
+
+def _gaussian_torch(image, sigma, ndim):
+    import torch
+    import torch.nn.functional as F
+
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    spatial = tuple(image.shape[-ndim:])
+    out = image.reshape(-1, 1, *spatial)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[ndim - 1]
+    for axis in range(ndim):
+        shape = [1, 1] + [1] * ndim
+        shape[2 + axis] = -1
+        pad = [0, 0] * ndim
+        pad[2 * (ndim - 1 - axis)] = radius
+        pad[2 * (ndim - 1 - axis) + 1] = radius
+        out = conv(F.pad(out, pad, mode="replicate"), k.reshape(shape))
+    return out.reshape(image.shape)
+
+
+# -------------------------------------------------------------------- resizing
+def resize(image, shape, ndim: int):
+    """Linear resize of the last ``ndim`` axes to ``shape`` with corners aligned."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(image.shape[-ndim:]) == shape:
+        return image
+    xp = namespace(image)
+    if is_torch(xp):
+        import torch.nn.functional as F
+
+        batch = tuple(image.shape[: image.ndim - ndim])
+        mode = "bilinear" if ndim == 2 else "trilinear"
+        out = F.interpolate(image.reshape(-1, 1, *image.shape[-ndim:]), size=shape, mode=mode, align_corners=True)
+        return out.reshape(*batch, *shape)
+    ndi = _ndimage(xp)
+    lead = image.ndim - ndim
+    zoom = [1.0] * lead + [s / n for s, n in zip(shape, image.shape[-ndim:])]
+    out = ndi.zoom(image, zoom, order=1, mode="nearest", grid_mode=False, prefilter=False)
+    assert tuple(out.shape[-ndim:]) == shape, (out.shape, shape)
+    return out
+
+
+def resize_displacement(u, shape, ndim: int):
+    """Resize a displacement ``(..., ndim, *spatial)`` to ``shape``, rescaling its voxel values."""
+    old = tuple(u.shape[-ndim:])
+    if old == tuple(shape):
+        return u
+    xp = namespace(u)
+    out = resize(u, shape, ndim)
+    caxis = u.ndim - ndim - 1
+    factors = [(s - 1) / max(n - 1, 1) for s, n in zip(shape, old)]
+    comps = [out[(slice(None),) * caxis + (i,)] * factors[i] for i in range(ndim)]
+    return xp.stack(comps, axis=caxis)

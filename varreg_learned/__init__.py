@@ -1,0 +1,1 @@
+"""VR-Net: the varreg engine unrolled into a network with learned denoisers (needs the 'learned' extra)."""
