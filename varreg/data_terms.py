@@ -49,12 +49,21 @@ def linearise(fixed, moving, u, ndim: int, eps: float):
     return warped, g, rho0, gg
 
 
+def _as_float(theta):
+    """A NumPy scalar or 0-d NumPy array as a Python float: NumPy would promote float32 data to its
+    (float64) dtype, and a Python float also selects the fused kernel. Tensors are left alone."""
+    if isinstance(theta, (np.generic, np.ndarray)) and np.ndim(theta) == 0:
+        return float(theta)
+    return theta
+
+
 def _fused(v, ndim):
     return isinstance(v, np.ndarray) and is_numpy(namespace(v)) and v.ndim == ndim + 1
 
 
 def l1_step(v, g, rho0, gg, theta):
     """Minimiser of ``|rho(u)| + theta/2 |v - u|^2`` (paper eq. 5); ``gg = |g|^2 + eps``."""
+    theta = _as_float(theta)
     ndim = _nd(v, rho0)
     if _fused(v, ndim) and not hasattr(theta, "shape"):
         from . import kernels
@@ -70,6 +79,7 @@ def l1_step(v, g, rho0, gg, theta):
 
 def l2_step(v, g, rho0, gg, theta):
     """Minimiser of ``rho(u)^2 / 2 + theta/2 |v - u|^2`` (paper eqs. 16, 17); ``gg = |g|^2``."""
+    theta = _as_float(theta)
     ndim = _nd(v, rho0)
     if _fused(v, ndim) and not hasattr(theta, "shape"):
         from . import kernels

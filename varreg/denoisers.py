@@ -38,6 +38,13 @@ def _spatial_ndim(u) -> int:
     raise ValueError(f"expected a displacement of shape (ndim, *spatial), got {tuple(u.shape)}")
 
 
+def _as_float(weight):
+    """A NumPy scalar or 0-d NumPy array as a Python float (NumPy would promote float32 fields to float64)."""
+    if isinstance(weight, (np.generic, np.ndarray)) and np.ndim(weight) == 0:
+        return float(weight)
+    return weight
+
+
 class TV:
     """ROF denoiser: ``R(v) = sum |grad v_c|`` (or the vectorial ``|grad v|_F``).
 
@@ -74,6 +81,7 @@ class TV:
         return 0.99 / (2.0 * sum(1.0 / h**2 for h in spacing))
 
     def __call__(self, u, weight):
+        weight = _as_float(weight)
         ndim = _spatial_ndim(u)
         spacing = self.spacing or (1.0,) * ndim
         xp = namespace(u)
@@ -145,6 +153,7 @@ class Quadratic:
         self._v = None
 
     def __call__(self, u, weight):
+        weight = _as_float(weight)
         ndim = _spatial_ndim(u)
         xp = namespace(u)
         h = self.spacing or (1.0,) * ndim

@@ -2,7 +2,10 @@
 
 Each function dispatches on the array's namespace: NumPy (numba kernel or
 ``scipy.ndimage``), CuPy (``cupyx.scipy.ndimage``) and torch
-(``torch.nn.functional``). All paths share one convention:
+(``torch.nn.functional``). :func:`warp` also runs on any other array-API
+namespace (e.g. ``array_api_strict``) through a pure array-API gather
+(:func:`_warp_generic`); :func:`gaussian_smooth` and :func:`resize` (used only
+by the pyramid) stay NumPy/CuPy/torch only. All paths share one convention:
 
 * coordinates are voxel indices of the last ``ndim`` axes; a displacement ``u``
   of shape ``(..., ndim, *spatial)`` pulls back: ``warp(f, u)(x) = f(x + u(x))``;
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from array_api_compat import device as array_device
 
 from .backend import is_cupy, is_numpy, is_torch, namespace
 
@@ -61,7 +65,9 @@ def warp(image, u, *, order: int = 1):
 
         img = image if image.dtype.kind == "f" else image.astype(np.float32)
         return kernels.warp_linear(np.ascontiguousarray(img), np.ascontiguousarray(u))
-    return _warp_ndimage(xp, image, u, order)
+    if is_numpy(xp) or is_cupy(xp):
+        return _warp_ndimage(xp, image, u, order)
+    return _warp_generic(xp, image, u, order)
 
 
 def _spatial_ndim(image, u) -> int:
@@ -86,6 +92,62 @@ def _warp_ndimage(xp, image, u, order):
         # round half up, then clamp: the same rule as the torch path below
         coords = xp.stack([xp.clip(xp.floor(coords[i] + 0.5), 0, n - 1) for i, n in enumerate(image.shape)])
     return ndi.map_coordinates(img, coords, order=order, mode="nearest")
+
+
+def _warp_generic(xp, image, u, order):
+    """Array-API-only warp of an unbatched ``image`` ``(*spatial)`` by ``u`` ``(ndim, *spatial)``.
+
+    The reference implementation for namespaces without an interpolation
+    routine (e.g. ``array_api_strict``); uses only standard functions
+    (``floor``, ``clip``, ``astype``, ``reshape``, ``take`` on the flattened
+    image). Same conventions as the other paths: coordinates ``x + u`` clamped
+    to ``[0, n - 1]`` (border replicated); ``order=0`` rounds half up
+    (``floor(c + 0.5)``) and keeps the image dtype; ``order=1`` interpolates
+    along the last axis first, as the numba kernel does, and returns a
+    floating image (integer images become float32).
+    """
+    ndim = image.ndim
+    shape = tuple(int(n) for n in image.shape)
+    dev = array_device(image)
+    if order == 1 and not xp.isdtype(image.dtype, "real floating"):
+        image = xp.astype(image, xp.float32)
+    if order == 1 and u.dtype != image.dtype:
+        u = xp.astype(u, image.dtype)
+    elif not xp.isdtype(u.dtype, "real floating"):
+        u = xp.astype(u, xp.float32)
+    flat = xp.reshape(image, (-1,))
+    strides = [math.prod(shape[i + 1:]) for i in range(ndim)]
+    lo, frac = [], []
+    for i, n in enumerate(shape):
+        grid = xp.reshape(xp.arange(n, dtype=u.dtype, device=dev), tuple(n if k == i else 1 for k in range(ndim)))
+        c = grid + u[i, ...]
+        if order == 0:
+            c = xp.floor(c + 0.5)
+        c = xp.clip(c, 0.0, float(n - 1))
+        i0 = xp.floor(c)
+        if order == 1:
+            # the upper neighbour must stay inside: the last sample is reached with weight 1
+            i0 = xp.clip(i0, 0.0, float(max(n - 2, 0)))
+            frac.append(c - i0)
+        lo.append(xp.astype(i0, xp.int64))
+    if order == 0:
+        idx = sum(lo[i] * strides[i] for i in range(ndim))
+        return xp.reshape(xp.take(flat, xp.reshape(idx, (-1,))), shape)
+    hi = [xp.clip(lo[i] + 1, 0, shape[i] - 1) for i in range(ndim)]
+
+    def corner(bits):
+        idx = sum((hi[i] if b else lo[i]) * strides[i] for i, b in enumerate(bits))
+        return xp.reshape(xp.take(flat, xp.reshape(idx, (-1,))), shape)
+
+    def interp(prefix):
+        # linear interpolation over axes len(prefix).., last axis innermost: a + f (b - a)
+        if len(prefix) == ndim:
+            return corner(prefix)
+        a = interp(prefix + (0,))
+        b = interp(prefix + (1,))
+        return a + frac[len(prefix)] * (b - a)
+
+    return interp(())
 
 
 def _warp_torch(image, u, ndim, order):
