@@ -1,0 +1,365 @@
+"""Training VR-Net on 2D ACDC slices: dataset, validation (the paper's 2D protocol), resumable loop.
+
+* Train pairs (:class:`ACDCSlices`): the train split (patient number % 5 in
+  {1, 2, 3}), every short-axis slice whose label map is non-empty in both ED and
+  ES (``slices="any"``; ``"all3"``: LV, Myo and RV present in both, the
+  evaluation rule), both directions ED->ES and ES->ED, each pair scaled jointly
+  to [0, 1] on the full slice, then cropped/padded to ``size`` around the
+  centre of the heart labels (so the heart is always inside the crop).
+* Validation (:func:`evaluate`): the val split (% 5 == 4), the 2D protocol of
+  :func:`varreg.acdc.slice_pairs` on full (uncropped) slices: ES moving, ED
+  fixed, ES labels warped by nearest neighbour, Dice per structure against ED.
+* Loop (:func:`train`): Adam, the loss of :mod:`varreg_learned.loss`, constant
+  learning rate then a linear decay, gradient clipping, deterministic batches
+  (a permutation per epoch from ``seed``) and per-step torch seeding, so a run
+  resumed from ``last.pt`` continues the same sequence. ``best.pt`` keeps the
+  best validation mean Dice; ``log.jsonl`` holds the history.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from varreg import acdc, metrics
+from varreg.resample import warp
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .loss import LossConfig, vrnet_loss
+from .model import VRNet, VRNetConfig
+
+__all__ = ["ACDCSlices", "TrainConfig", "train", "evaluate", "load_val_pairs", "crop_or_pad", "lr_at", "time_steps"]
+
+
+# --------------------------------------------------------------------------- data
+def _normalise_pair(f, m):
+    lo, hi = min(f.min(), m.min()), max(f.max(), m.max())
+    s = 1.0 / (hi - lo) if hi > lo else 1.0
+    return ((f - lo) * s).astype(np.float32), ((m - lo) * s).astype(np.float32)
+
+
+def crop_or_pad(a: np.ndarray, center, size) -> np.ndarray:
+    """The ``size`` window of ``a`` (2-D) centred at ``center`` (clamped inside when ``a`` is larger), zero padded."""
+    out = np.zeros(size, dtype=a.dtype)
+    src, dst = [], []
+    for n, c, s in zip(a.shape, center, size):
+        if n >= s:
+            start = int(min(max(round(c - s / 2), 0), n - s))
+            src.append(slice(start, start + s))
+            dst.append(slice(0, s))
+        else:  # pad: centre the whole axis
+            off = (s - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(off, off + n))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+class ACDCSlices(torch.utils.data.Dataset):
+    """2-D ED<->ES slice pairs of ACDC, cropped/padded to ``size``.
+
+    Items: dict of ``fixed``, ``moving`` (float32 ``size``), ``fixed_labels``,
+    ``moving_labels`` (int64 ``size``). ``pairs`` lists ``(patient, z, direction)``.
+    """
+
+    def __init__(self, root, split: str = "train", size=(192, 192), *, slices: str = "any",
+                 both_directions: bool = True, max_patients: int | None = None):
+        if slices not in ("any", "all3"):
+            raise ValueError(f"slices must be 'any' or 'all3', got {slices!r}")
+        self.root, self.split, self.size = str(root), split, tuple(int(s) for s in size)
+        ids = acdc.patients(root, split)
+        if max_patients is not None:
+            ids = ids[:max_patients]
+        if not ids:
+            raise ValueError(f"no ACDC patients of split {split!r} under {root}")
+        self.patients = ids
+        self.pairs, fixed, moving, flab, mlab = [], [], [], [], []
+        for pid in ids:
+            case = acdc.load_case(root, pid)
+            for z in range(case.ed.shape[2]):
+                a, b = case.ed_gt[..., z], case.es_gt[..., z]
+                if slices == "any":
+                    keep = a.any() and b.any()
+                else:
+                    keep = all((a == k).any() and (b == k).any() for k in acdc.LABELS)
+                if not keep:
+                    continue
+                centre = np.argwhere((a > 0) | (b > 0)).mean(axis=0)
+                ed, es = _normalise_pair(case.ed[..., z], case.es[..., z])
+                ed, es = crop_or_pad(ed, centre, self.size), crop_or_pad(es, centre, self.size)
+                la, lb = crop_or_pad(a, centre, self.size), crop_or_pad(b, centre, self.size)
+                dirs = [("ES->ED", ed, es, la, lb)]  # fixed ED, moving ES (the evaluation direction)
+                if both_directions:
+                    dirs.append(("ED->ES", es, ed, lb, la))
+                for d, f, m, lf, lm in dirs:
+                    self.pairs.append((pid, z, d))
+                    fixed.append(f), moving.append(m), flab.append(lf), mlab.append(lm)
+        self.fixed = torch.from_numpy(np.stack(fixed))
+        self.moving = torch.from_numpy(np.stack(moving))
+        self.fixed_labels = torch.from_numpy(np.stack(flab).astype(np.int64))
+        self.moving_labels = torch.from_numpy(np.stack(mlab).astype(np.int64))
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return {"fixed": self.fixed[i], "moving": self.moving[i],
+                "fixed_labels": self.fixed_labels[i], "moving_labels": self.moving_labels[i]}
+
+    def batch(self, indices):
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return {"fixed": self.fixed[idx], "moving": self.moving[idx],
+                "fixed_labels": self.fixed_labels[idx], "moving_labels": self.moving_labels[idx]}
+
+
+def load_val_pairs(root, split: str = "val", max_pairs: int | None = None, max_patients: int | None = None):
+    """Full-size validation pairs of the 2D protocol: list of ``(fixed, moving, fixed_labels, moving_labels)``.
+
+    ``max_pairs``: an evenly spaced subset; ``max_patients``: the first patients only (smoke runs).
+    """
+    pairs = []
+    for pid in acdc.patients(root, split)[:max_patients]:
+        case = acdc.load_case(root, pid)
+        for z, f, m, lf, lm in acdc.slice_pairs(case):
+            f, m = _normalise_pair(f, m)
+            pairs.append((f, m, lf, lm))
+    if max_pairs is not None and len(pairs) > max_pairs:
+        keep = np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int)
+        pairs = [pairs[i] for i in keep]
+    return pairs
+
+
+@torch.no_grad()
+def evaluate(model: VRNet, pairs, device="cpu") -> dict:
+    """Mean Dice per structure (RV, Myo, LV), their mean, and the folding fraction, over ``pairs``."""
+    was = model.training
+    model.eval()
+    scores = {k: [] for k in acdc.LABELS}
+    folds, before = [], []
+    try:
+        for f, m, lf, lm in pairs:
+            u = model(torch.from_numpy(f).to(device)[None], torch.from_numpy(m).to(device)[None])[0].cpu()
+            warped = warp(torch.from_numpy(lm.astype(np.int64)), u, order=0).numpy()
+            d = metrics.dice(lf, warped, labels=list(acdc.LABELS))
+            d0 = metrics.dice(lf, lm, labels=list(acdc.LABELS))
+            for k in acdc.LABELS:
+                scores[k].append(d[k])
+            before.append(np.nanmean(list(d0.values())))
+            folds.append(metrics.folding_fraction(u.numpy()))
+    finally:
+        model.train(was)
+    out = {f"dice_{acdc.LABELS[k]}": float(np.nanmean(v)) for k, v in scores.items()}
+    out["dice_mean"] = float(np.mean([out[f"dice_{n}"] for n in acdc.LABELS.values()]))
+    out["dice_before"] = float(np.mean(before))
+    out["folding_fraction"] = float(np.mean(folds))
+    out["n_pairs"] = len(pairs)
+    return out
+
+
+# --------------------------------------------------------------------------- loop
+@dataclass
+class TrainConfig:
+    data: str = "../shared/data/acdc"
+    out: str = "runs/vrnet2d"
+    steps: int = 20000
+    batch_size: int = 10
+    size: tuple = (192, 192)
+    slices: str = "any"
+    lr: float = 1e-4
+    lr_decay_start: float = 0.5  # fraction of the steps after which the rate decays linearly ...
+    lr_final: float = 0.1  # ... to lr * lr_final at the last step
+    grad_clip: float = 10.0
+    seed: int = 0
+    val_every: int = 500
+    val_max_pairs: int | None = None
+    save_every: int = 100
+    device: str = "cpu"
+    threads: int | None = None
+    max_patients: int | None = None  # limit the train patients (smoke runs)
+    val_max_patients: int | None = None  # limit the val patients (smoke runs)
+    progress: bool = True
+
+    def to_dict(self):
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    start = int(cfg.lr_decay_start * cfg.steps)
+    if step < start or cfg.steps <= start:
+        return cfg.lr
+    frac = (step - start) / max(cfg.steps - start, 1)
+    return cfg.lr * (1.0 - (1.0 - cfg.lr_final) * frac)
+
+
+class _Sampler:
+    """Deterministic batches: sample ``step * B + j`` of a per-epoch permutation seeded by ``(seed, epoch)``."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.b, self.seed, self._perm = n, batch_size, seed, {}
+
+    def indices(self, step):
+        out = []
+        for g in range(step * self.b, (step + 1) * self.b):
+            epoch = g // self.n
+            if epoch not in self._perm:
+                self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+            out.append(int(self._perm[epoch][g % self.n]))
+        return out
+
+
+def _meta(tcfg, lcfg, ds, step, val, best_step):
+    return {
+        "data": "ACDC 2-D ED<->ES short-axis slices (varreg.acdc layout)",
+        "data_root": str(tcfg.data),
+        "split": {"train": "patient % 5 in {1,2,3}", "val": "patient % 5 == 4",
+                  "train_patients": len(ds.patients), "train_pairs": len(ds), "slices": tcfg.slices,
+                  "directions": "ED->ES and ES->ED", "crop": list(tcfg.size)},
+        "steps": int(step),
+        "best_step": best_step,
+        "val": val,
+        "loss": lcfg.to_dict(),
+        "train": tcfg.to_dict(),
+    }
+
+
+def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: LossConfig | None = None,
+          *, resume: bool = True, log=print) -> dict:
+    """Train (or resume) a VR-Net; writes ``out/last.pt``, ``out/best.pt``, ``out/log.jsonl``.
+
+    Returns a summary dict (final step, best validation scores, seconds per step).
+    """
+    from tqdm import tqdm
+
+    if tcfg.threads:
+        torch.set_num_threads(int(tcfg.threads))
+    model_cfg = model_cfg or VRNetConfig(ndim=2)
+    loss_cfg = loss_cfg or LossConfig()
+    if model_cfg.ndim != 2:
+        raise ValueError("the ACDC trainer is 2-D: use VRNetConfig(ndim=2)")
+    out = Path(tcfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    last, best = out / "last.pt", out / "best.pt"
+    dev = torch.device(tcfg.device)
+
+    torch.manual_seed(tcfg.seed)
+    model = VRNet(model_cfg).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.999))
+    step, best_score, best_step, best_val = 0, -math.inf, None, None
+    if resume and last.exists():
+        model_l, _, payload = load_checkpoint(last, return_payload=True)
+        if model_l.config != model_cfg:
+            raise ValueError(f"{last} holds a different model config ({model_l.config}) than asked ({model_cfg}); "
+                             "use another --out or resume=False")
+        model.load_state_dict(model_l.state_dict())
+        ts = payload.get("train_state", {})
+        if "optimizer" in ts:
+            opt.load_state_dict(ts["optimizer"])
+        step = int(ts.get("step", 0))
+        best_score = float(ts.get("best_score", -math.inf))
+        best_step = ts.get("best_step")
+        best_val = ts.get("best_val")
+        log(f"resumed {last} at step {step} (best val dice {best_score:.4f})")
+    model.train()
+
+    ds = ACDCSlices(tcfg.data, "train", tcfg.size, slices=tcfg.slices, max_patients=tcfg.max_patients)
+    val_pairs = load_val_pairs(tcfg.data, "val", tcfg.val_max_pairs, tcfg.val_max_patients) if tcfg.val_every else []
+    log(f"train: {len(ds.patients)} patients, {len(ds)} pairs of {tcfg.size}; val: {len(val_pairs)} pairs; "
+        f"model: {sum(p.numel() for p in model.parameters())} parameters")
+    sampler = _Sampler(len(ds), tcfg.batch_size, tcfg.seed)
+
+    def save(path, with_state, val):
+        ts = None
+        if with_state:
+            ts = {"step": step, "optimizer": opt.state_dict(), "best_score": best_score, "best_step": best_step,
+                  "best_val": best_val}
+        save_checkpoint(path, model, _meta(tcfg, loss_cfg, ds, step, val, best_step), train_state=ts)
+
+    logf = open(out / "log.jsonl", "a")
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not tcfg.progress, dynamic_ncols=True)
+    avg, t_steps, n_timed = None, 0.0, 0
+    try:
+        while step < tcfg.steps:
+            t0 = time.perf_counter()
+            b = ds.batch(sampler.indices(step))
+            b = {k: v.to(dev) for k, v in b.items()}
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, tcfg)
+            torch.manual_seed(tcfg.seed * 1_000_003 + step)
+            u = model(b["fixed"], b["moving"])
+            loss, parts = vrnet_loss(b["fixed"], b["moving"], u, loss_cfg,
+                                     fixed_labels=b["fixed_labels"], moving_labels=b["moving_labels"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            opt.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            t_steps += dt
+            n_timed += 1
+            avg = parts["total"] if avg is None else 0.95 * avg + 0.05 * parts["total"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{avg:.4f}", sim=f"{parts['sim']:.4f}", best=f"{best_score:.3f}" if best_step else "-")
+            rec = {"step": step, "lr": lr_at(step - 1, tcfg), "time_s": dt, **parts,
+                   "theta": [round(float(t), 5) for t in model.theta.detach().cpu()]}
+            if tcfg.val_every and (step % tcfg.val_every == 0 or step == tcfg.steps):
+                val = evaluate(model, val_pairs, dev)
+                rec["val"] = val
+                if val["dice_mean"] > best_score:
+                    best_score, best_step, best_val = val["dice_mean"], step, val
+                    save(best, False, val)
+                bar.write(f"step {step}: val dice {val['dice_mean']:.4f} (RV {val['dice_RV']:.3f} Myo {val['dice_Myo']:.3f} "
+                          f"LV {val['dice_LV']:.3f}; before {val['dice_before']:.3f}), folding {val['folding_fraction']:.2e}; "
+                          f"best {best_score:.4f} at {best_step}")
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            if step % tcfg.save_every == 0 or step == tcfg.steps or "val" in rec:
+                save(last, True, best_val)
+    finally:
+        bar.close()
+        logf.close()
+    if not tcfg.val_every:  # no validation: the last weights are the result
+        save(best, False, None)
+    return {"step": step, "best_step": best_step, "best_val": best_val,
+            "s_per_step": t_steps / max(n_timed, 1), "out": str(out)}
+
+
+def time_steps(model_cfg: VRNetConfig, loss_cfg: LossConfig | None = None, *, batch_size=10, size=(192, 192),
+               n=10, warmup=1, threads=None, device="cpu", seed=0) -> float:
+    """Seconds per training step (forward, loss, backward, Adam) on synthetic smooth pairs of ``size``."""
+    from varreg.synthetic import deform, sinusoidal_displacement, smooth_random_image
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    f = np.stack([smooth_random_image(size, rng=rng) for _ in range(batch_size)])
+    truth = sinusoidal_displacement(tuple(size), amplitude=3.0)
+    m = np.stack([deform(x, truth) for x in f])
+    dev = torch.device(device)
+    f, m = torch.from_numpy(f).to(dev), torch.from_numpy(m).to(dev)
+    model = VRNet(model_cfg).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(warmup + n):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, _ = vrnet_loss(f, m, model(f, m), loss_cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.mean(times))
