@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+# torch (VR-Net) links the same OpenMP runtime as numba's "omp" layer; the first
+# parallel numba launch then resets torch's thread count. The workqueue layer
+# (or TBB where installed) keeps the two apart.
+numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
 
 __all__ = [
     "warp_linear",
@@ -22,6 +28,23 @@ __all__ = [
     "tv_dual",
     "warm_up",
 ]
+
+#: Grids smaller than this run on one thread: for them the cost of waking and
+#: synchronising workers exceeds the work, badly so on a loaded machine.
+PARALLEL_MIN_VOXELS = 1 << 16
+
+
+def _run(kernel, nvox, *args):
+    """Call a parallel kernel with all numba threads, or one for small grids."""
+    if nvox >= PARALLEL_MIN_VOXELS or numba.get_num_threads() == 1:
+        return kernel(*args)
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(n)
+
 
 _opts = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _inline = dict(fastmath=True, cache=True, nogil=True, inline="always")
@@ -79,7 +102,7 @@ def warp_linear(img: np.ndarray, u: np.ndarray) -> np.ndarray:
     ``img`` shape ``(*spatial)``, ``u`` shape ``(ndim, *spatial)`` in voxels.
     """
     out = np.empty(img.shape, dtype=img.dtype)
-    (_warp2 if img.ndim == 2 else _warp3)(img, u.astype(img.dtype, copy=False), out)
+    _run(_warp2 if img.ndim == 2 else _warp3, img.size, img, u.astype(img.dtype, copy=False), out)
     return out
 
 
@@ -135,7 +158,7 @@ def warp_gradient(moving: np.ndarray, fixed: np.ndarray, u: np.ndarray, eps: flo
     rho0 = np.empty(moving.shape, dtype=moving.dtype)
     gg = np.empty(moving.shape, dtype=moving.dtype)
     fn = _grad_setup2 if moving.ndim == 2 else _grad_setup3
-    fn(warped, fixed, u.astype(moving.dtype, copy=False), g, rho0, gg, moving.dtype.type(eps))
+    _run(fn, moving.size, warped, fixed, u.astype(moving.dtype, copy=False), g, rho0, gg, moving.dtype.type(eps))
     return warped, g, rho0, gg
 
 
@@ -170,130 +193,123 @@ def data_step(v, g, rho0, gg, theta: float, l1: bool) -> np.ndarray:
     """
     d = v.shape[0]
     out = np.empty_like(v)
-    _data_step(
-        v.reshape(d, -1), g.reshape(d, -1), rho0.reshape(-1), gg.reshape(-1),
+    _run(
+        _data_step, rho0.size, v.reshape(d, -1), g.reshape(d, -1), rho0.reshape(-1), gg.reshape(-1),
         v.dtype.type(theta), bool(l1), out.reshape(d, -1),
     )
     return out
 
 
 # ------------------------------------------------------------------- TV / Huber dual
-@njit(**_inline)
-def _div2(p, hinv, c, i, j, H, W):
-    # divergence of p[c] at (i, j): minus the adjoint of the forward difference
-    s = 0.0
-    if i < H - 1:
-        s += p[c, 0, i, j]
-    if i > 0:
-        s -= p[c, 0, i - 1, j]
-    dy = s * hinv[0]
-    s = 0.0
-    if j < W - 1:
-        s += p[c, 1, i, j]
-    if j > 0:
-        s -= p[c, 1, i, j - 1]
-    return dy + s * hinv[1]
+# Layout: u, v (d, *spatial); p (d, ndim, *spatial) with p[c, a] the dual of the
+# forward difference of component c along axis a. The divergence ignores the
+# last sample of p[c, a] along axis a (Neumann boundary), exactly as
+# differences.divergence does. Inner loops run over the contiguous last axis
+# without branches so that LLVM vectorises them; borders are handled apart.
 
 
 @njit(**_opts)
-def _tv2(u, p, v, mu, tau, alpha, n_iter, hinv, coupled):
+def _tv2(u, p, v, mu, tau, alpha, n_iter, hy, hx, coupled):
     d, H, W = u.shape
     step = tau / mu
     shrink = 1.0 / (1.0 + tau * alpha / mu)
     for it in range(n_iter + 1):
+        # v = u + mu div p
         for i in prange(H):
-            for j in range(W):
-                for c in range(d):
-                    v[c, i, j] = u[c, i, j] + mu * _div2(p, hinv, c, i, j, H, W)
+            ty = hy if i < H - 1 else 0.0
+            by = hy if i > 0 else 0.0
+            im = max(i - 1, 0)
+            for c in range(d):
+                for j in range(1, W - 1):
+                    dv = ty * p[c, 0, i, j] - by * p[c, 0, im, j] + hx * (p[c, 1, i, j] - p[c, 1, i, j - 1])
+                    v[c, i, j] = u[c, i, j] + mu * dv
+                for j in (0, W - 1):
+                    dx = (p[c, 1, i, j] if j < W - 1 else 0.0) - (p[c, 1, i, j - 1] if j > 0 else 0.0)
+                    v[c, i, j] = u[c, i, j] + mu * (ty * p[c, 0, i, j] - by * p[c, 0, im, j] + hx * dx)
         if it == n_iter:
             break
+        # p = proj((p + step grad v) * shrink)
         for i in prange(H):
+            ip = min(i + 1, H - 1)  # at the last row grad_y v = v[i] - v[i] = 0
             for j in range(W):
+                last = j == W - 1
+                jp = j if last else j + 1
                 tot = 0.0
                 for c in range(d):
-                    gy = (v[c, i + 1, j] - v[c, i, j]) * hinv[0] if i < H - 1 else 0.0
-                    gx = (v[c, i, j + 1] - v[c, i, j]) * hinv[1] if j < W - 1 else 0.0
-                    py = (p[c, 0, i, j] + step * gy) * shrink
-                    px = (p[c, 1, i, j] + step * gx) * shrink
-                    p[c, 0, i, j] = py
-                    p[c, 1, i, j] = px
-                    if not coupled:
-                        nrm = math.sqrt(py * py + px * px)
-                        if nrm > 1.0:
-                            p[c, 0, i, j] = py / nrm
-                            p[c, 1, i, j] = px / nrm
-                    else:
-                        tot += py * py + px * px
+                    gy = (v[c, ip, j] - v[c, i, j]) * hy
+                    gx = (v[c, i, jp] - v[c, i, j]) * hx
+                    qy = (p[c, 0, i, j] + step * gy) * shrink
+                    qx = (p[c, 1, i, j] + step * gx) * shrink
+                    p[c, 0, i, j] = qy
+                    p[c, 1, i, j] = qx
+                    tot += qy * qy + qx * qx
                 if coupled:
-                    nrm = math.sqrt(tot)
-                    if nrm > 1.0:
-                        for c in range(d):
-                            p[c, 0, i, j] /= nrm
-                            p[c, 1, i, j] /= nrm
-
-
-@njit(**_inline)
-def _div3(p, hinv, c, k, i, j, D, H, W):
-    s = 0.0
-    if k < D - 1:
-        s += p[c, 0, k, i, j]
-    if k > 0:
-        s -= p[c, 0, k - 1, i, j]
-    out = s * hinv[0]
-    s = 0.0
-    if i < H - 1:
-        s += p[c, 1, k, i, j]
-    if i > 0:
-        s -= p[c, 1, k, i - 1, j]
-    out += s * hinv[1]
-    s = 0.0
-    if j < W - 1:
-        s += p[c, 2, k, i, j]
-    if j > 0:
-        s -= p[c, 2, k, i, j - 1]
-    return out + s * hinv[2]
+                    s = 1.0 / max(math.sqrt(tot), 1.0)
+                    for c in range(d):
+                        p[c, 0, i, j] *= s
+                        p[c, 1, i, j] *= s
+                else:
+                    for c in range(d):
+                        s = 1.0 / max(math.sqrt(p[c, 0, i, j] ** 2 + p[c, 1, i, j] ** 2), 1.0)
+                        p[c, 0, i, j] *= s
+                        p[c, 1, i, j] *= s
 
 
 @njit(**_opts)
-def _tv3(u, p, v, mu, tau, alpha, n_iter, hinv, coupled):
+def _tv3(u, p, v, mu, tau, alpha, n_iter, hz, hy, hx, coupled):
     d, D, H, W = u.shape
     step = tau / mu
     shrink = 1.0 / (1.0 + tau * alpha / mu)
     for it in range(n_iter + 1):
         for k in prange(D):
+            tz = hz if k < D - 1 else 0.0
+            bz = hz if k > 0 else 0.0
+            km = max(k - 1, 0)
             for i in range(H):
-                for j in range(W):
-                    for c in range(d):
-                        v[c, k, i, j] = u[c, k, i, j] + mu * _div3(p, hinv, c, k, i, j, D, H, W)
+                ty = hy if i < H - 1 else 0.0
+                by = hy if i > 0 else 0.0
+                im = max(i - 1, 0)
+                for c in range(d):
+                    for j in range(1, W - 1):
+                        dv = (tz * p[c, 0, k, i, j] - bz * p[c, 0, km, i, j]
+                              + ty * p[c, 1, k, i, j] - by * p[c, 1, k, im, j]
+                              + hx * (p[c, 2, k, i, j] - p[c, 2, k, i, j - 1]))
+                        v[c, k, i, j] = u[c, k, i, j] + mu * dv
+                    for j in (0, W - 1):
+                        dx = (p[c, 2, k, i, j] if j < W - 1 else 0.0) - (p[c, 2, k, i, j - 1] if j > 0 else 0.0)
+                        dv = (tz * p[c, 0, k, i, j] - bz * p[c, 0, km, i, j]
+                              + ty * p[c, 1, k, i, j] - by * p[c, 1, k, im, j] + hx * dx)
+                        v[c, k, i, j] = u[c, k, i, j] + mu * dv
         if it == n_iter:
             break
         for k in prange(D):
+            kp = min(k + 1, D - 1)
             for i in range(H):
+                ip = min(i + 1, H - 1)
                 for j in range(W):
+                    jp = j if j == W - 1 else j + 1
                     tot = 0.0
                     for c in range(d):
-                        gz = (v[c, k + 1, i, j] - v[c, k, i, j]) * hinv[0] if k < D - 1 else 0.0
-                        gy = (v[c, k, i + 1, j] - v[c, k, i, j]) * hinv[1] if i < H - 1 else 0.0
-                        gx = (v[c, k, i, j + 1] - v[c, k, i, j]) * hinv[2] if j < W - 1 else 0.0
-                        pz = (p[c, 0, k, i, j] + step * gz) * shrink
-                        py = (p[c, 1, k, i, j] + step * gy) * shrink
-                        px = (p[c, 2, k, i, j] + step * gx) * shrink
-                        if not coupled:
-                            nrm = max(math.sqrt(pz * pz + py * py + px * px), 1.0)
-                            pz /= nrm
-                            py /= nrm
-                            px /= nrm
-                        else:
-                            tot += pz * pz + py * py + px * px
-                        p[c, 0, k, i, j] = pz
-                        p[c, 1, k, i, j] = py
-                        p[c, 2, k, i, j] = px
+                        gz = (v[c, kp, i, j] - v[c, k, i, j]) * hz
+                        gy = (v[c, k, ip, j] - v[c, k, i, j]) * hy
+                        gx = (v[c, k, i, jp] - v[c, k, i, j]) * hx
+                        qz = (p[c, 0, k, i, j] + step * gz) * shrink
+                        qy = (p[c, 1, k, i, j] + step * gy) * shrink
+                        qx = (p[c, 2, k, i, j] + step * gx) * shrink
+                        p[c, 0, k, i, j] = qz
+                        p[c, 1, k, i, j] = qy
+                        p[c, 2, k, i, j] = qx
+                        tot += qz * qz + qy * qy + qx * qx
                     if coupled:
-                        nrm = math.sqrt(tot)
-                        if nrm > 1.0:
-                            for c in range(d):
-                                for a in range(3):
-                                    p[c, a, k, i, j] /= nrm
+                        s = 1.0 / max(math.sqrt(tot), 1.0)
+                        for c in range(d):
+                            for a in range(3):
+                                p[c, a, k, i, j] *= s
+                    else:
+                        for c in range(d):
+                            s = 1.0 / max(math.sqrt(p[c, 0, k, i, j] ** 2 + p[c, 1, k, i, j] ** 2 + p[c, 2, k, i, j] ** 2), 1.0)
+                            for a in range(3):
+                                p[c, a, k, i, j] *= s
 
 
 def tv_dual(u, p, mu: float, tau: float, alpha: float, n_iter: int, spacing, coupled: bool) -> np.ndarray:
@@ -305,9 +321,12 @@ def tv_dual(u, p, mu: float, tau: float, alpha: float, n_iter: int, spacing, cou
     Returns ``v = u + mu div p``.
     """
     v = np.empty_like(u)
-    hinv = np.asarray([1.0 / h for h in spacing], dtype=np.float64)
-    fn = _tv2 if u.ndim == 3 else _tv3
-    fn(u, p, v, float(mu), float(tau), float(alpha), int(n_iter), hinv, bool(coupled))
+    f = u.dtype.type  # keep the arithmetic in the arrays' precision
+    hinv = [f(1.0 / h) for h in spacing]
+    if u.ndim == 3:
+        _run(_tv2, v[0].size, u, p, v, f(mu), f(tau), f(alpha), int(n_iter), *hinv, bool(coupled))
+    else:
+        _run(_tv3, v[0].size, u, p, v, f(mu), f(tau), f(alpha), int(n_iter), *hinv, bool(coupled))
     return v
 
 
