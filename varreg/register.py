@@ -20,10 +20,10 @@ __all__ = ["register", "RegistrationResult", "DEFAULTS", "validate_pair"]
 #: theta: penalty of the splitting; lam: weight of the regulariser
 #: (the denoiser solves R(v) + |v - u|^2 / (2 lam / theta)).
 DEFAULTS = {
-    "l1": dict(theta=0.3, lam=0.1, warps=5, iterations=10, denoiser_iterations=2),
-    "l2": dict(theta=0.02, lam=0.005, warps=5, iterations=10, denoiser_iterations=2),
+    "l1": dict(theta=0.1, lam=0.04, warps=5, iterations=3, denoiser_iterations=2),
+    "l2": dict(theta=0.004, lam=0.004, warps=5, iterations=3, denoiser_iterations=2),
 }
-DEFAULT_SCALE = 0.5
+DEFAULT_SCALE = 0.6
 DEFAULT_MIN_SIZE = 16
 
 
