@@ -82,7 +82,7 @@ def _solver_help_fields() -> dict:
     import importlib
     import inspect
 
-    R = importlib.import_module("varreg.register")  # the module (varreg.register is also the function's name)
+    R = importlib.import_module("varreg.registration")
     from varreg.data_terms import DATA_TERMS
     from varreg.denoisers import DENOISERS
 

@@ -12,27 +12,6 @@ import torch
 from varreg import backend, data_terms, denoisers, engine, resample, synthetic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is faster on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_numba_thread():
-    """One numba thread: the parallel kernels' fork/join costs milliseconds per region on a loaded
-    2-core machine (up to 1000x slower on small grids), and the suite should spare the shared cores."""
-    import numba
-
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(n)
-
-
 def _pair(shape, seed=0):
     fixed = synthetic.smooth_random_image(shape, rng=seed)
     truth = synthetic.sinusoidal_displacement(shape, amplitude=1.5)

@@ -32,17 +32,6 @@ AXIAL = np.array([[-1.5, 0, 0, 40.0], [0, 1.2, 0, -30.0], [0, 0, 6.0, 12.5], [0,
 FAST = ["--warps", "3", "--iterations", "5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_numba_thread():
-    """Few CPU resources: the solver's parallel numba kernels on one thread (restored afterwards)."""
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
-
-
 def save(path, arr, affine=AFFINE, dtype=None):
     arr = np.asarray(arr)
     img = nib.Nifti1Image(arr.astype(dtype or arr.dtype), affine)
@@ -113,7 +102,7 @@ def test_top_level_help_does_not_import_the_solver():
 def test_register_help_shows_the_api_defaults():
     import importlib
 
-    R = importlib.import_module("varreg.register")
+    R = importlib.import_module("varreg.registration")
     text = " ".join(run("register", "--help").stdout.split())
     for key in ("theta", "lam", "warps", "iterations", "denoiser_iterations"):
         expected = ", ".join(f"{v[key]} for {dt}" for dt, v in R.DEFAULTS.items())

@@ -15,18 +15,6 @@ from varreg import data_terms, denoisers
 from varreg.differences import divergence, forward_difference, laplacian
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_numba_thread():
-    """One numba thread: the parallel kernels' fork/join costs milliseconds per region on a loaded
-    2-core machine (up to 1000x slower on small grids), and the suite should spare the shared cores."""
-    import numba
-
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(n)
-
-
 # ----------------------------------------------------------------- data steps
 def _subproblem(shape, seed, *, rho_scale=1.0):
     rng = np.random.default_rng(seed)

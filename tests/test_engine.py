@@ -17,18 +17,6 @@ AMPLITUDE = 2.5  # peak displacement, voxels
 MARGIN = 8  # voxels cropped from every side where stated
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_numba_thread():
-    """One numba thread: the parallel kernels' fork/join costs milliseconds per region on a loaded
-    2-core machine (up to 1000x slower on small grids), and the suite should spare the shared cores."""
-    import numba
-
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(n)
-
-
 def _pair(shape, seed=0, amplitude=AMPLITUDE):
     rng = np.random.default_rng(seed)
     fixed = synthetic.smooth_random_image(shape, rng=rng)

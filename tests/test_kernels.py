@@ -15,16 +15,6 @@ from scipy import ndimage
 from varreg import data_terms, denoisers, kernels, resample
 from varreg.differences import central_gradient
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_numba_thread():
-    """One numba thread for the comparisons (the fork/join of the parallel kernels costs milliseconds per
-    region on the loaded 2-core machine); test_parallel_equals_serial runs them with more threads."""
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(n)
-
-
 # an axis of length 2 and one of length 1 exercise the "last cell" logic of the warp
 WARP_SHAPES = [(23, 17), (2, 9), (1, 6), (7, 6, 5), (2, 5, 4)]
 SHAPES = [(19, 14), (6, 7, 5)]

@@ -6,17 +6,6 @@ import varreg
 from varreg import backend, synthetic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_numba_thread():
-    """One numba thread: spares the shared cores (small grids gain nothing from two)."""
-    import numba
-
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def img():
     return synthetic.smooth_random_image((32, 32), rng=0)

@@ -4,8 +4,8 @@ Public API: :func:`register`, :func:`warp`, :mod:`varreg.metrics`; the
 building blocks for new regularisers are in :mod:`varreg.engine`,
 :mod:`varreg.data_terms` and :mod:`varreg.denoisers`.
 """
-from . import backend, data_terms, denoisers, engine, synthetic
-from .register import DEFAULTS, RegistrationResult, register
+from . import backend, data_terms, denoisers, engine, metrics, synthetic  # noqa: F401  (public submodules)
+from .registration import DEFAULTS, RegistrationResult, register
 from .resample import warp as _warp_any
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import varreg
-from varreg.register import RegistrationResult, validate_pair
+from varreg.registration import RegistrationResult, validate_pair
 
 from .checkpoint import load_checkpoint
 from .model import VRNet
