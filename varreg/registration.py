@@ -143,7 +143,8 @@ def register(
     -------
     RegistrationResult
         ``.displacement`` ``(ndim, *fixed.shape)`` float32 in voxels, pull-back
-        (``moving(x + u(x)) ~ fixed(x)``); ``.warped``; ``.info``.
+        (``moving(x + u(x)) ~ fixed(x)``); ``.warped``; ``.info``. NumPy inputs
+        give NumPy results whatever the device; CuPy inputs give CuPy results.
 
     Examples
     --------
@@ -181,6 +182,7 @@ def register(
     rel_spacing = tuple(s / min(spacing) for s in spacing)
 
     dev = backend.resolve_device(device)
+    host_input = isinstance(fixed, np.ndarray)  # results come back on the caller's side
     if type(fixed).__module__.startswith("cupy") and device == "cpu":
         fixed, moving = backend.to_numpy(fixed), backend.to_numpy(moving)
     fixed_d, moving_d = backend.to_device(fixed, dev), backend.to_device(moving, dev)
@@ -215,4 +217,6 @@ def register(
         scale=scale, levels=len(shapes), shapes=shapes, spacing=spacing, device=dev,
         time_s=time.perf_counter() - t0,
     )
+    if host_input:
+        u, warped = backend.to_numpy(u), backend.to_numpy(warped)
     return RegistrationResult(displacement=u, warped=warped, info=info)
