@@ -156,6 +156,7 @@ def main():
     varreg register FIXED MOVING -o OUT          warped.nii.gz + displacement.nii.gz (ITK/ANTs)
     varreg apply OUT/displacement.nii.gz IMG -o W.nii.gz [--labels]
     varreg evaluate FIXED_LABELS WARPED_LABELS [--displacement D]
+    varreg bench --data ACDC_DIR -o REPORT [--quick]   compare methods (tables, plots)
 
     Errors print one line 'error: <file>: <problem>' and exit with code 2.
     """
@@ -305,6 +306,10 @@ def demo(outdir, dim, slices, qc, seed, device, threads, force, quiet):
     pipeline.run_demo(outdir, dim=int(dim), slices=slices, qc=qc, seed=seed, force=force, quiet=quiet,
                       solver={"device": device}, threads=threads)
 
+
+from .bench import bench as _bench  # noqa: E402  (imports click only; the work loads when it runs)
+
+main.add_command(_bench)
 
 if __name__ == "__main__":
     main()
