@@ -63,32 +63,30 @@ def _fused(v, ndim):
 
 def l1_step(v, g, rho0, gg, theta):
     """Minimiser of ``|rho(u)| + theta/2 |v - u|^2`` (paper eq. 5); ``gg = |g|^2 + eps``."""
-    theta = _as_float(theta)
-    ndim = _nd(v, rho0)
-    if _fused(v, ndim) and not hasattr(theta, "shape"):
-        from . import kernels
-
-        return kernels.data_step(v, g, rho0, gg, float(theta), True)
-    xp = namespace(v, g)
-    caxis = v.ndim - ndim - 1
-    rho = rho0 + xp.sum(g * v, axis=caxis)
-    z = theta * rho / gg
-    s = z / (xp.maximum(xp.abs(z), xp.ones_like(z)) * theta)
-    return v - xp.expand_dims(s, axis=caxis) * g
+    return _pointwise_step(v, g, rho0, gg, theta, l1=True)
 
 
 def l2_step(v, g, rho0, gg, theta):
     """Minimiser of ``rho(u)^2 / 2 + theta/2 |v - u|^2`` (paper eqs. 16, 17); ``gg = |g|^2``."""
+    return _pointwise_step(v, g, rho0, gg, theta, l1=False)
+
+
+def _pointwise_step(v, g, rho0, gg, theta, *, l1: bool):
+    """``u = v - s g`` with the step ``s`` of the L1 (thresholding) or L2 (Sherman-Morrison) u-step."""
     theta = _as_float(theta)
     ndim = _nd(v, rho0)
     if _fused(v, ndim) and not hasattr(theta, "shape"):
         from . import kernels
 
-        return kernels.data_step(v, g, rho0, gg, float(theta), False)
+        return kernels.data_step(v, g, rho0, gg, float(theta), l1)
     xp = namespace(v, g)
     caxis = v.ndim - ndim - 1
     rho = rho0 + xp.sum(g * v, axis=caxis)
-    s = rho / (theta + gg)
+    if l1:
+        z = theta * rho / gg
+        s = z / (xp.maximum(xp.abs(z), xp.ones_like(z)) * theta)
+    else:
+        s = rho / (theta + gg)
     return v - xp.expand_dims(s, axis=caxis) * g
 
 
