@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 
+from array_api_compat import device
+
+from .backend import namespace
 from .resample import gaussian_smooth, resize, resize_displacement
 
 __all__ = ["level_shapes", "coarse_to_fine", "smoothing_sigma"]
@@ -55,9 +58,6 @@ def coarse_to_fine(fixed, moving, solve_level, *, shapes, ndim: int, scale: floa
             if u0 is not None:
                 u = resize_displacement(u0, shapes[lvl], ndim)
             else:
-                from .backend import namespace
-                from array_api_compat import device
-
                 xp = namespace(fixed)
                 u = xp.zeros((*fixed.shape[: fixed.ndim - ndim], ndim, *shapes[lvl]), dtype=fixed.dtype, device=device(fixed))
         else:
