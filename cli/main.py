@@ -94,16 +94,16 @@ def _solver_help_fields() -> dict:
         d = sig[key].default
         out[key] = "all (down to --min-size)" if (key == "levels" and d is None) else d
     out["data_terms"] = "|".join(sorted(DATA_TERMS))
-    out["denoisers"] = "|".join(DENOISERS)
+    out["denoisers"] = "|".join([*DENOISERS, "unet"])
     return out
 
 
 def _solver_kwargs(data_term, denoiser, theta, lam, warps, iterations, denoiser_iterations, levels, scale,
-                   min_size, normalise, device) -> dict:
+                   min_size, normalise, device, ckpt=None, refine=None) -> dict:
     """Options left unset are None so that varreg.register applies its own (per-data-term) defaults."""
     return dict(data_term=data_term, denoiser=denoiser, theta=theta, lam=lam, warps=warps, iterations=iterations,
                 denoiser_iterations=denoiser_iterations, levels=levels, scale=scale, min_size=min_size,
-                normalise=normalise, device=device)
+                normalise=normalise, device=device, checkpoint=ckpt, refine=refine)
 
 
 _pos_float = click.FloatRange(min=0, min_open=True)
@@ -116,7 +116,13 @@ def solver_options(f):
         click.option("--data-term", metavar="{data_terms}", default=None,
                      help="Data term: l1 (robust, |I1(x+u) - I0|) or l2 (squared differences). Default: {data_term}."),
         click.option("--denoiser", metavar="NAME", default=None,
-                     help="Regulariser solved in the denoising step: {denoisers}. Default: {denoiser}."),
+                     help="Regulariser solved in the denoising step: {denoisers} (unet: VR-Net, needs --ckpt). "
+                          "Default: {denoiser}."),
+        click.option("--ckpt", metavar="PATH", default=None,
+                     help="VR-Net checkpoint for --denoiser unet (the package ships "
+                          "varreg_learned/checkpoints/vrnet2d_acdc.pt, 2-D, for --slices or 2-D images)."),
+        click.option("--refine", type=click.IntRange(min=0), default=None, metavar="N",
+                     help="With --denoiser unet: N further warps of the classical solver after the network. Default: 0."),
         click.option("--theta", type=_pos_float, default=None, metavar="X",
                      help="Splitting penalty θ (intensities scaled to [0, 1]). Default: {theta} (varreg.DEFAULTS)."),
         click.option("--lam", type=_pos_float, default=None, metavar="X",
@@ -198,7 +204,7 @@ def main():
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs (default: refuse, write nothing).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary line (errors still go to stderr).")
 def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, slices, frame, fixed_frame,
-             moving_frame, initial, isotropic, data_term, denoiser, theta, lam, warps, iterations,
+             moving_frame, initial, isotropic, data_term, denoiser, ckpt, refine, theta, lam, warps, iterations,
              denoiser_iterations, levels, scale, min_size, normalise, device, threads, force, quiet):
     """Register MOVING onto FIXED (NIfTI, or 2-D PNG/TIFF/NPY) in physical space.
 
@@ -226,7 +232,7 @@ def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, s
         slices=slices, frame=frame, fixed_frame=fixed_frame, moving_frame=moving_frame, force=force, quiet=quiet,
         isotropic=isotropic, initial=initial, t0=t0, threads=threads,
         solver=_solver_kwargs(data_term, denoiser, theta, lam, warps, iterations, denoiser_iterations, levels,
-                              scale, min_size, normalise, device),
+                              scale, min_size, normalise, device, ckpt, refine),
     )
 
 

@@ -20,7 +20,7 @@ from varreg.io import InputError
 from . import progress
 
 SOLVER_KEYS = ("data_term", "denoiser", "theta", "lam", "warps", "iterations", "denoiser_iterations",
-               "levels", "scale", "min_size", "normalise", "device")
+               "levels", "scale", "min_size", "normalise", "device", "checkpoint", "refine")
 
 
 def echo(msg: str, quiet: bool) -> None:
@@ -324,8 +324,16 @@ def check_solver_options(solver: dict) -> None:
     if dt is not None and dt.lower() not in DATA_TERMS:
         raise InputError("--data-term", f"unknown data term {dt!r}; choose one of {', '.join(sorted(DATA_TERMS))}")
     dn = solver.get("denoiser")
-    if dn is not None and dn.lower() not in DENOISERS:
-        raise InputError("--denoiser", f"unknown denoiser {dn!r}; choose one of {', '.join(DENOISERS)}")
+    if dn is not None and dn.lower() not in (*DENOISERS, "unet"):
+        raise InputError("--denoiser", f"unknown denoiser {dn!r}; choose one of {', '.join(DENOISERS)}, unet")
+    unet = dn is not None and dn.lower() == "unet"
+    ckpt = solver.get("checkpoint")
+    if unet and ckpt is None:
+        raise InputError("--denoiser", "unet (VR-Net) needs --ckpt PATH")
+    if not unet and (ckpt is not None or solver.get("refine")):
+        raise InputError("--ckpt", "--ckpt and --refine go with --denoiser unet")
+    if ckpt is not None and not os.path.isfile(ckpt):
+        raise InputError(ckpt, "checkpoint file not found")
 
 
 REGISTER_OUTPUTS = ("warped.nii.gz", "displacement.nii.gz")

@@ -113,6 +113,8 @@ def register(
     initial=None,
     normalise=True,
     device="auto",
+    checkpoint=None,
+    refine=0,
 ):
     """Deformable registration of ``moving`` onto ``fixed`` (TV-L1 and its relatives).
 
@@ -138,6 +140,11 @@ def register(
     initial : optional initial displacement ``(ndim, *fixed.shape)``.
     normalise : scale the pair jointly to [0, 1] first (the defaults assume it).
     device : ``"auto"`` (GPU if CuPy can use one), ``"cpu"`` or ``"gpu"``.
+    checkpoint : with ``denoiser="unet"``: the VR-Net checkpoint to run (needs the
+        ``learned`` extra); the network replaces the classical schedule, and the
+        schedule options and ``spacing`` do not apply (it was trained in pixels).
+    refine : with ``denoiser="unet"``: further warps of the classical solver on
+        the network's displacement (same engine, ``varreg_learned.register_learned``).
 
     Returns
     -------
@@ -156,6 +163,12 @@ def register(
     >>> res.displacement.shape
     (2, 64, 64)
     """
+    if isinstance(denoiser, str) and denoiser.lower() == "unet":
+        if initial is not None:
+            raise ValueError("denoiser='unet' computes its own initial displacement; initial= is not taken")
+        return _register_unet(fixed, moving, checkpoint, refine, device, normalise)
+    if checkpoint is not None or refine:
+        raise ValueError("checkpoint and refine go with denoiser='unet' (VR-Net); the classical denoisers take neither")
     t0 = time.perf_counter()
     fixed, moving = validate_pair(fixed, moving)
     ndim = fixed.ndim
@@ -220,3 +233,21 @@ def register(
     if host_input:
         u, warped = backend.to_numpy(u), backend.to_numpy(warped)
     return RegistrationResult(displacement=u, warped=warped, info=info)
+
+
+def _register_unet(fixed, moving, checkpoint, refine, device, normalise):
+    """``denoiser="unet"``: VR-Net from a checkpoint, through ``varreg_learned``."""
+    if checkpoint is None:
+        raise ValueError("denoiser='unet' needs checkpoint=PATH (a VR-Net checkpoint, e.g. "
+                         "varreg_learned/checkpoints/vrnet2d_acdc.pt)")
+    try:
+        import torch
+        from varreg_learned.inference import register_learned
+    except ImportError as exc:
+        raise RuntimeError(f"denoiser='unet' needs torch: install the learned extra, pip install 'varreg[learned]' ({exc})") from None
+    if device not in backend.DEVICES:
+        raise ValueError(f"device must be one of {backend.DEVICES}, got {device!r}")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("device='gpu' was asked for but torch sees no CUDA device. Use device='cpu' or 'auto'.")
+    tdev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    return register_learned(fixed, moving, checkpoint, refine=int(refine), device=tdev, normalise=normalise)

@@ -1,0 +1,62 @@
+"""VR-Net through the classical entry points: varreg.register(denoiser="unet") and `varreg register --denoiser unet`."""
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import varreg
+import varreg_learned
+from varreg_cli.main import main
+from varreg_learned.inference import register_learned
+
+CKPT = Path(varreg_learned.__file__).parent / "checkpoints" / "vrnet2d_acdc.pt"
+
+
+def _pair(shape=(48, 40)):
+    fixed = np.zeros(shape, np.float32)
+    fixed[14:34, 12:30] = 1.0
+    return fixed, np.roll(fixed, 2, axis=0)
+
+
+def test_register_unet_is_vrnet_with_refinement():
+    fixed, moving = _pair()
+    res = varreg.register(fixed, moving, denoiser="unet", checkpoint=CKPT, refine=2)
+    ref = register_learned(fixed, moving, CKPT, refine=2)
+    np.testing.assert_allclose(res.displacement, ref.displacement, atol=1e-5)
+    assert res.info["method"] == "vrnet" and res.info["refine"] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(denoiser="unet"), "needs checkpoint"),
+    (dict(denoiser="unet", checkpoint=CKPT, initial=np.zeros((2, 48, 40), np.float32)), "initial= is not taken"),
+    (dict(checkpoint=CKPT), "go with denoiser='unet'"),
+    (dict(refine=2), "go with denoiser='unet'"),
+])
+def test_register_unet_option_errors(kwargs, message):
+    fixed, moving = _pair()
+    with pytest.raises(ValueError, match=message):
+        varreg.register(fixed, moving, **kwargs)
+
+
+def test_register_unet_refuses_3d_with_a_2d_checkpoint():
+    vol = np.random.default_rng(0).random((8, 24, 24)).astype(np.float32)
+    with pytest.raises(ValueError, match="2-D"):
+        varreg.register(vol, vol, denoiser="unet", checkpoint=CKPT)
+
+
+def test_cli_register_slices_with_unet(tmp_path):
+    fixed, moving = _pair()
+    stack = lambda a: np.repeat(a[..., None], 3, axis=2)  # noqa: E731  (H, W, slices)
+    for name, arr in (("f", stack(fixed)), ("m", stack(moving))):
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o", str(out),
+                                  "--slices", "--denoiser", "unet", "--ckpt", str(CKPT), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (out / "warped.nii.gz").is_file() and (out / "displacement.nii.gz").is_file()
+    r = CliRunner().invoke(main, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
+                                  str(tmp_path / "o2"), "--denoiser", "unet"])
+    assert r.exit_code == 2 and "needs --ckpt" in r.output
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
