@@ -134,7 +134,7 @@ def _vrnet_methods(checkpoints, refine_warps):
     out = []
     if not checkpoints:
         for name in ("vrnet", "vrnet+refine"):
-            out.append(Unavailable(name, name, "learned", "no --checkpoint given (no trained VR-Net yet)"))
+            out.append(Unavailable(name, name, "learned", "no --checkpoint given (the package ships varreg_learned/checkpoints/vrnet2d_acdc.pt, 2-D)"))
         return out
     from varreg_learned.inference import load_model, register_learned
     import torch
