@@ -20,6 +20,7 @@ from varreg import io as vio
 from varreg import metrics as M
 from varreg import phantom
 from varreg_cli.main import main
+from geometry_helpers import interior
 
 # voxel -> RAS: axes permuted, x flipped, voxels 1.5 x 1.5 x 5 mm, an origin
 AFFINE = np.array([
@@ -56,13 +57,6 @@ def files(folder):
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
-def interior(u, shape, margin=1.0):
-    g = np.indices(shape, dtype=np.float64) + u
-    ok = np.ones(shape, bool)
-    for i, n in enumerate(shape):
-        if n > 1:
-            ok &= (g[i] >= margin) & (g[i] <= n - 1 - margin)
-    return ok
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from scipy import ndimage
 
 import varreg
 from varreg import io as vio
+from geometry_helpers import interior
 
 # a non-trivial voxel-to-RAS affine: axes permuted, one flipped, anisotropic, an origin
 AFFINE = np.array([
@@ -45,14 +46,6 @@ def save(path, arr, affine=AFFINE, dtype=None):
     return str(path)
 
 
-def interior(u, shape, margin=1.0):
-    """Voxels whose sample point x + u(x) lies inside the grid with a margin (where border rules do not matter)."""
-    g = np.indices(shape, dtype=np.float64) + u
-    ok = np.ones(shape, bool)
-    for i, n in enumerate(shape):
-        if n > 1:
-            ok &= (g[i] >= margin) & (g[i] <= n - 1 - margin)
-    return ok
 
 
 # --------------------------------------------------------------------------- ITK convention

@@ -16,21 +16,20 @@ the regularised field.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from .data_terms import linearise
 
 __all__ = ["solve"]
 
 
 def _per_cascade(value, n: int, what: str):
-    """A length-``n`` list from a scalar/callable or a sequence (list, tuple, 1-D tensor)."""
-    if isinstance(value, (Sequence,)) or (hasattr(value, "shape") and getattr(value, "ndim", 0) == 1) or type(value).__name__ == "ModuleList":
-        items = list(value) if not hasattr(value, "shape") else [value[i] for i in range(value.shape[0])]
-        if len(items) != n:
-            raise ValueError(f"{what}: got {len(items)} values for {n} cascades (warps x iterations)")
-        return items
-    return [value] * n
+    """A length-``n`` list from one value (float, 0-d array, callable) or a sequence of ``n``
+    (list, tuple, 1-D array or tensor, ``nn.ModuleList``)."""
+    if getattr(value, "ndim", None) == 0 or not hasattr(value, "__len__"):
+        return [value] * n
+    items = list(value)
+    if len(items) != n:
+        raise ValueError(f"{what}: got {len(items)} values for {n} cascades (warps x iterations)")
+    return items
 
 
 def solve(fixed, moving, u, *, data_term, denoiser, theta, lam: float, n_warps: int, n_iters: int, ndim: int,
