@@ -163,6 +163,7 @@ def main():
     varreg apply OUT/displacement.nii.gz IMG -o W.nii.gz [--labels]
     varreg evaluate FIXED_LABELS WARPED_LABELS [--displacement D]
     varreg bench --data ACDC_DIR -o REPORT [--quick]   compare methods (tables, plots)
+    varreg train --data ACDC_DIR -o RUN_DIR [options]  train the VR-Net (needs torch), resumable
 
     Errors print one line 'error: <file>: <problem>' and exit with code 2.
     """
@@ -314,8 +315,10 @@ def demo(outdir, dim, slices, qc, seed, device, threads, force, quiet):
 
 
 from .bench import bench as _bench  # noqa: E402  (imports click only; the work loads when it runs)
+from .train import train as _train  # noqa: E402  (imports click only; torch loads when it runs)
 
 main.add_command(_bench)
+main.add_command(_train)
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@
     u = net(fixed, moving)                     # torch (B, H, W) -> (B, 2, H, W), voxels, pull-back
     res = register_learned(fixed_np, moving_np, "vrnet.pt", refine=2)   # NumPy in, RegistrationResult out
 
-Training: :mod:`varreg_learned.train` (ACDC 2D slices) and ``examples/train_vrnet.py``.
+Training: ``varreg train`` (command line) and :mod:`varreg_learned.train` (ACDC 2D slices;
+``examples/train_vrnet.py`` shows the API).
 See docs/vrnet.md.
 """
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint

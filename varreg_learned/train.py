@@ -14,6 +14,10 @@
   (a permutation per epoch from ``seed``) and per-step torch seeding, so a run
   resumed from ``last.pt`` continues the same sequence. ``best.pt`` keeps the
   best validation mean Dice; ``log.jsonl`` holds the history.
+* Inputs are checked before anything is written: a folder without usable
+  pairs, a patient with missing or unreadable files, or an ``out/last.pt``
+  that cannot be resumed raise :class:`TrainInputError` (a ``ValueError``)
+  with a one-line message. The command line is ``varreg train``.
 """
 from __future__ import annotations
 
@@ -33,10 +37,55 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .loss import LossConfig, vrnet_loss
 from .model import VRNet, VRNetConfig
 
-__all__ = ["ACDCSlices", "TrainConfig", "train", "evaluate", "load_val_pairs", "crop_or_pad", "lr_at", "time_steps"]
+__all__ = ["ACDCSlices", "TrainConfig", "TrainInputError", "train", "evaluate", "load_val_pairs", "crop_or_pad",
+           "lr_at", "time_steps"]
 
 
 # --------------------------------------------------------------------------- data
+class TrainInputError(ValueError):
+    """The data folder or the output folder cannot be used (raised before anything is written)."""
+
+
+_LAYOUT = ("patientNNN_ED.nii.gz, patientNNN_ES.nii.gz, patientNNN_ED_gt.nii.gz, patientNNN_ES_gt.nii.gz "
+          "per patient (varreg.acdc layout)")
+_FILES = ("ED", "ES", "ED_gt", "ES_gt")
+
+
+def _split_rule(split: str) -> str:
+    rems = sorted(acdc.SPLITS[split])
+    return "patient number % 5 " + (f"== {rems[0]}" if len(rems) == 1 else "in {" + ", ".join(map(str, rems)) + "}")
+
+
+def _split_patients(root, split: str, max_patients: int | None = None, *, required: bool = True) -> list[str]:
+    """Patient ids of ``split`` under ``root`` (the first ``max_patients``), each with its four files.
+
+    Raises :class:`TrainInputError` naming the expected layout when ``required``
+    and there are none, or when a listed patient lacks one of its files.
+    """
+    ids = acdc.patients(root, split)
+    if max_patients is not None:
+        ids = ids[:max_patients]
+    if not ids and required:
+        n_all = len(acdc.patients(root, "all"))
+        if n_all == 0:
+            raise TrainInputError(f"{root}: no ACDC patients in this folder; expected {_LAYOUT}")
+        raise TrainInputError(f"{root}: none of its {n_all} ACDC patients is in the {split} split "
+                              f"({_split_rule(split)})")
+    for pid in ids:
+        missing = [f"{pid}_{s}.nii.gz" for s in _FILES if not (Path(root) / f"{pid}_{s}.nii.gz").is_file()]
+        if missing:
+            raise TrainInputError(f"{root}: {pid} lacks {', '.join(missing)}; expected {_LAYOUT}")
+    return ids
+
+
+def _load_case(root, pid):
+    try:
+        return acdc.load_case(root, pid)
+    except Exception as exc:  # noqa: BLE001  (nibabel's errors for corrupt or non-NIfTI files vary)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise TrainInputError(f"{root}: cannot read {pid} ({type(exc).__name__}: {first})") from None
+
+
 def _normalise_pair(f, m):
     lo, hi = min(f.min(), m.min()), max(f.max(), m.max())
     s = 1.0 / (hi - lo) if hi > lo else 1.0
@@ -72,15 +121,11 @@ class ACDCSlices(torch.utils.data.Dataset):
         if slices not in ("any", "all3"):
             raise ValueError(f"slices must be 'any' or 'all3', got {slices!r}")
         self.root, self.split, self.size = str(root), split, tuple(int(s) for s in size)
-        ids = acdc.patients(root, split)
-        if max_patients is not None:
-            ids = ids[:max_patients]
-        if not ids:
-            raise ValueError(f"no ACDC patients of split {split!r} under {root}")
+        ids = _split_patients(root, split, max_patients)
         self.patients = ids
         self.pairs, fixed, moving, flab, mlab = [], [], [], [], []
         for pid in ids:
-            case = acdc.load_case(root, pid)
+            case = _load_case(root, pid)
             for z in range(case.ed.shape[2]):
                 a, b = case.ed_gt[..., z], case.es_gt[..., z]
                 if slices == "any":
@@ -99,6 +144,10 @@ class ACDCSlices(torch.utils.data.Dataset):
                 for d, f, m, lf, lm in dirs:
                     self.pairs.append((pid, z, d))
                     fixed.append(f), moving.append(m), flab.append(lf), mlab.append(lm)
+        if not self.pairs:
+            need = "labels" if slices == "any" else "RV, Myo and LV (labels 1, 2, 3)"
+            raise TrainInputError(f"{root}: no usable slice pair: no slice of the {len(ids)} {split} patient(s) has "
+                                  f"{need} in both ED and ES")
         self.fixed = torch.from_numpy(np.stack(fixed))
         self.moving = torch.from_numpy(np.stack(moving))
         self.fixed_labels = torch.from_numpy(np.stack(flab).astype(np.int64))
@@ -123,8 +172,8 @@ def load_val_pairs(root, split: str = "val", max_pairs: int | None = None, max_p
     ``max_pairs``: an evenly spaced subset; ``max_patients``: the first patients only (smoke runs).
     """
     pairs = []
-    for pid in acdc.patients(root, split)[:max_patients]:
-        case = acdc.load_case(root, pid)
+    for pid in _split_patients(root, split, max_patients, required=False):
+        case = _load_case(root, pid)
         for z, f, m, lf, lm in acdc.slice_pairs(case):
             f, m = _normalise_pair(f, m)
             pairs.append((f, m, lf, lm))
@@ -229,11 +278,33 @@ def _meta(tcfg, lcfg, ds, step, val, best_step):
     }
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Drop records after ``step`` (written after the last save of an interrupted run), so a resumed log has no repeats."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the interruption
+        keep.append(line)
+    if keep != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
 def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: LossConfig | None = None,
           *, resume: bool = True, log=print) -> dict:
     """Train (or resume) a VR-Net; writes ``out/last.pt``, ``out/best.pt``, ``out/log.jsonl``.
 
-    Returns a summary dict (final step, best validation scores, seconds per step).
+    With ``resume`` an existing ``out/last.pt`` (same model config) is continued
+    from its step. Bad inputs raise :class:`TrainInputError` before ``out`` is
+    created or touched. Returns a summary dict (final step, best validation
+    scores, seconds per step).
     """
     from tqdm import tqdm
 
@@ -244,7 +315,6 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
     if model_cfg.ndim != 2:
         raise ValueError("the ACDC trainer is 2-D: use VRNetConfig(ndim=2)")
     out = Path(tcfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     last, best = out / "last.pt", out / "best.pt"
     dev = torch.device(tcfg.device)
 
@@ -253,10 +323,15 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.999))
     step, best_score, best_step, best_val = 0, -math.inf, None, None
     if resume and last.exists():
-        model_l, _, payload = load_checkpoint(last, return_payload=True)
+        try:
+            model_l, _, payload = load_checkpoint(last, return_payload=True)
+        except (OSError, ValueError) as exc:
+            raise TrainInputError(f"cannot resume: {exc}") from None
         if model_l.config != model_cfg:
-            raise ValueError(f"{last} holds a different model config ({model_l.config}) than asked ({model_cfg}); "
-                             "use another --out or resume=False")
+            have, want = model_l.config.to_dict(), model_cfg.to_dict()
+            diff = ", ".join(f"{k} {have.get(k)!r} there, {want[k]!r} asked" for k in want if have.get(k) != want[k])
+            raise TrainInputError(f"{last} holds a different model config ({diff}); resume with the model options "
+                                  "it was started with, or use another output folder")
         model.load_state_dict(model_l.state_dict())
         ts = payload.get("train_state", {})
         if "optimizer" in ts:
@@ -270,6 +345,14 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
 
     ds = ACDCSlices(tcfg.data, "train", tcfg.size, slices=tcfg.slices, max_patients=tcfg.max_patients)
     val_pairs = load_val_pairs(tcfg.data, "val", tcfg.val_max_pairs, tcfg.val_max_patients) if tcfg.val_every else []
+    if tcfg.val_every and not val_pairs:
+        n_val = len(acdc.patients(tcfg.data, "val")[:tcfg.val_max_patients])
+        raise TrainInputError(
+            f"{tcfg.data}: no validation pair: " + (f"no patient of the val split ({_split_rule('val')})" if not n_val
+            else f"no slice of the {n_val} val patient(s) has RV, Myo and LV (labels 1, 2, 3) in both ED and ES")
+            + "; validation needs one (or train without it: val_every=0, --val-every 0)")
+    out.mkdir(parents=True, exist_ok=True)
+    _trim_log(out / "log.jsonl", step)
     log(f"train: {len(ds.patients)} patients, {len(ds)} pairs of {tcfg.size}; val: {len(val_pairs)} pairs; "
         f"model: {sum(p.numel() for p in model.parameters())} parameters")
     sampler = _Sampler(len(ds), tcfg.batch_size, tcfg.seed)
@@ -329,7 +412,7 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
         logf.close()
     if not tcfg.val_every:  # no validation: the last weights are the result
         save(best, False, None)
-    return {"step": step, "best_step": best_step, "best_val": best_val,
+    return {"step": step, "steps_run": n_timed, "best_step": best_step, "best_val": best_val,
             "s_per_step": t_steps / max(n_timed, 1), "out": str(out)}
 
 
