@@ -52,7 +52,7 @@ __all__ = [
     "STRUCTURES", "SUITES", "Method", "Pair", "registry", "select_methods", "default_methods", "QUICK_METHODS",
     "acdc_pairs", "synthetic_pair", "score", "run_suite", "summarise", "results_table", "runtime_table",
     "epe_table", "write_csv", "boxplots", "header_info", "apply_threads", "scaling_run", "scaling_table",
-    "scaling_plot", "TUNING_GRIDS", "tune_methods", "tuning_table",
+    "scaling_plot", "TUNING_GRIDS", "tune_methods", "tuning_table", "rss_gib", "reset_peak_rss",
 ]
 
 #: (label value, name) in the column order of the paper's Tables III-V
@@ -755,7 +755,7 @@ _SCALING_METHODS = {"varreg": "varreg", "skimage-tvl1": "skimage-tvl1", "sitk-de
                     "ants-syn": "ants-syn"}
 
 
-def _rss():
+def rss_gib():
     """(current RSS, peak RSS since the last reset) in GiB, from /proc (ru_maxrss elsewhere)."""
     try:
         vals = {}
@@ -771,7 +771,8 @@ def _rss():
         return peak, peak
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS (VmHWM) to the current RSS; False where the OS does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -799,12 +800,12 @@ def _scaling_child(method: str, ndim: int, n: int, threads: int, device: str, se
         import cupy
 
         cupy.get_default_memory_pool().free_all_blocks()
-    reset = _reset_peak()
-    base, _ = _rss()
+    reset = reset_peak_rss()
+    base, _ = rss_gib()
     t0 = time.perf_counter()
     u = m.run(fixed, moving, None, device)
     dt = time.perf_counter() - t0
-    cur, peak = _rss()
+    cur, peak = rss_gib()
     out = dict(method=method, ndim=ndim, n=n, voxels=n**ndim, device=device, time_s=dt, rss_before_gib=base,
                peak_rss_gib=peak, peak_above_before_gib=(peak - base) if reset else float("nan"),
                pair_gib=2 * fixed.nbytes / 2**30, threads=threads)
