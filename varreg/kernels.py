@@ -214,7 +214,6 @@ def _tv2(u, p, v, mu, tau, alpha, n_iter, hy, hx, coupled):
     step = tau / mu
     shrink = 1.0 / (1.0 + tau * alpha / mu)
     for it in range(n_iter + 1):
-        # v = u + mu div p
         for i in prange(H):
             ty = hy if i < H - 1 else 0.0
             by = hy if i > 0 else 0.0
@@ -228,28 +227,26 @@ def _tv2(u, p, v, mu, tau, alpha, n_iter, hy, hx, coupled):
                     v[c, i, j] = u[c, i, j] + mu * (ty * p[c, 0, i, j] - by * p[c, 0, im, j] + hx * dx)
         if it == n_iter:
             break
-        # p = proj((p + step grad v) * shrink)
         for i in prange(H):
-            ip = min(i + 1, H - 1)  # at the last row grad_y v = v[i] - v[i] = 0
-            for j in range(W):
-                last = j == W - 1
-                jp = j if last else j + 1
-                tot = 0.0
-                for c in range(d):
-                    gy = (v[c, ip, j] - v[c, i, j]) * hy
-                    gx = (v[c, i, jp] - v[c, i, j]) * hx
-                    qy = (p[c, 0, i, j] + step * gy) * shrink
-                    qx = (p[c, 1, i, j] + step * gx) * shrink
-                    p[c, 0, i, j] = qy
-                    p[c, 1, i, j] = qx
-                    tot += qy * qy + qx * qx
-                if coupled:
+            ip = min(i + 1, H - 1)
+            for c in range(d):
+                for j in range(W):
+                    p[c, 0, i, j] = (p[c, 0, i, j] + step * hy * (v[c, ip, j] - v[c, i, j])) * shrink
+                for j in range(W - 1):
+                    p[c, 1, i, j] = (p[c, 1, i, j] + step * hx * (v[c, i, j + 1] - v[c, i, j])) * shrink
+                p[c, 1, i, W - 1] *= shrink
+            if coupled:
+                for j in range(W):
+                    tot = 0.0
+                    for c in range(d):
+                        tot += p[c, 0, i, j] ** 2 + p[c, 1, i, j] ** 2
                     s = 1.0 / max(math.sqrt(tot), 1.0)
                     for c in range(d):
                         p[c, 0, i, j] *= s
                         p[c, 1, i, j] *= s
-                else:
-                    for c in range(d):
+            else:
+                for c in range(d):
+                    for j in range(W):
                         s = 1.0 / max(math.sqrt(p[c, 0, i, j] ** 2 + p[c, 1, i, j] ** 2), 1.0)
                         p[c, 0, i, j] *= s
                         p[c, 1, i, j] *= s
@@ -286,30 +283,33 @@ def _tv3(u, p, v, mu, tau, alpha, n_iter, hz, hy, hx, coupled):
             kp = min(k + 1, D - 1)
             for i in range(H):
                 ip = min(i + 1, H - 1)
-                for j in range(W):
-                    jp = j if j == W - 1 else j + 1
-                    tot = 0.0
-                    for c in range(d):
-                        gz = (v[c, kp, i, j] - v[c, k, i, j]) * hz
-                        gy = (v[c, k, ip, j] - v[c, k, i, j]) * hy
-                        gx = (v[c, k, i, jp] - v[c, k, i, j]) * hx
-                        qz = (p[c, 0, k, i, j] + step * gz) * shrink
-                        qy = (p[c, 1, k, i, j] + step * gy) * shrink
-                        qx = (p[c, 2, k, i, j] + step * gx) * shrink
-                        p[c, 0, k, i, j] = qz
-                        p[c, 1, k, i, j] = qy
-                        p[c, 2, k, i, j] = qx
-                        tot += qz * qz + qy * qy + qx * qx
-                    if coupled:
+                # ascent step and shrink, one component and axis at a time over the contiguous rows
+                for c in range(d):
+                    for j in range(W):
+                        p[c, 0, k, i, j] = (p[c, 0, k, i, j] + step * hz * (v[c, kp, i, j] - v[c, k, i, j])) * shrink
+                        p[c, 1, k, i, j] = (p[c, 1, k, i, j] + step * hy * (v[c, k, ip, j] - v[c, k, i, j])) * shrink
+                    for j in range(W - 1):
+                        p[c, 2, k, i, j] = (p[c, 2, k, i, j] + step * hx * (v[c, k, i, j + 1] - v[c, k, i, j])) * shrink
+                    p[c, 2, k, i, W - 1] *= shrink
+                # projection onto the unit ball (per component, or of all components together)
+                if coupled:
+                    for j in range(W):
+                        tot = 0.0
+                        for c in range(d):
+                            tot += p[c, 0, k, i, j] ** 2 + p[c, 1, k, i, j] ** 2 + p[c, 2, k, i, j] ** 2
                         s = 1.0 / max(math.sqrt(tot), 1.0)
                         for c in range(d):
-                            for a in range(3):
-                                p[c, a, k, i, j] *= s
-                    else:
-                        for c in range(d):
-                            s = 1.0 / max(math.sqrt(p[c, 0, k, i, j] ** 2 + p[c, 1, k, i, j] ** 2 + p[c, 2, k, i, j] ** 2), 1.0)
-                            for a in range(3):
-                                p[c, a, k, i, j] *= s
+                            p[c, 0, k, i, j] *= s
+                            p[c, 1, k, i, j] *= s
+                            p[c, 2, k, i, j] *= s
+                else:
+                    for c in range(d):
+                        for j in range(W):
+                            s = 1.0 / max(math.sqrt(p[c, 0, k, i, j] ** 2 + p[c, 1, k, i, j] ** 2
+                                                    + p[c, 2, k, i, j] ** 2), 1.0)
+                            p[c, 0, k, i, j] *= s
+                            p[c, 1, k, i, j] *= s
+                            p[c, 2, k, i, j] *= s
 
 
 def tv_dual(u, p, mu: float, tau: float, alpha: float, n_iter: int, spacing, coupled: bool) -> np.ndarray:
