@@ -77,16 +77,13 @@ def solve(fixed: vio.Image, fixed_arr, moving_arr, *, slices: bool, solver: dict
     u = np.zeros((3, *shape), np.float32)
     if slices and len(active) == 3:
         nz = shape[2]
-        per, solver_s, info = {}, 0.0, {}
-        sp = _spacing(fixed, (0, 1), isotropic)
-        for z in progress.loop(range(nz), nz, "slices", on):
-            init = None if initial is None else initial[:2, :, :, z]
-            res = varreg.register(fixed_arr[..., z], moving_arr[..., z], spacing=sp, initial=init, **solver)
-            uz = np.asarray(to_numpy(res.displacement), np.float32)
-            per[z] = uz
-            u[:2, :, :, z] = uz
-            solver_s += res.info["time_s"]
-            info = res.info
+        res = varreg.register_slices(fixed_arr, moving_arr, axis=2, spacing=_spacing(fixed, (0, 1, 2), isotropic),
+                                     initial=initial, progress=lambda it: progress.loop(it, nz, "slices", on),
+                                     **solver)
+        u[:] = res.displacement
+        per = {z: u[:2, :, :, z] for z in range(nz)}
+        solver_s = sum(i["time_s"] for i in res.info["slices"])
+        info = res.info["slices"][-1]
         return Solved(u, "slices", solver_s, info, per)
     if len(active) == 3:
         sp = _spacing(fixed, (0, 1, 2), isotropic)
@@ -416,6 +413,13 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
             if solver.get("device") != "gpu":
                 raise
             raise InputError("--device gpu", str(exc)) from None
+
+        ratio = fixed.spacing[2] / min(fixed.spacing[:2])
+        if solved.mode == "3d" and ratio >= 3 and not quiet:
+            import click
+
+            click.echo(f"note: the slices are {ratio:.1f}x thicker than the pixels; such stacks usually register "
+                       "better slice by slice (--slices)", err=True)
 
         # 4. outputs in memory, then staged
         warped = warp_onto_fixed(solved, fixed, moving, moving.data, 1, same).astype(np.float32, copy=False)

@@ -5,11 +5,11 @@ building blocks for new regularisers are in :mod:`varreg.engine`,
 :mod:`varreg.data_terms` and :mod:`varreg.denoisers`.
 """
 from . import backend, data_terms, denoisers, engine, metrics, synthetic  # noqa: F401  (public submodules)
-from .registration import DEFAULTS, RegistrationResult, register
+from .registration import DEFAULTS, RegistrationResult, register, register_slices
 from .resample import warp as _warp_any
 
 __version__ = "0.1.0"
-__all__ = ["register", "warp", "RegistrationResult", "DEFAULTS", "__version__"]
+__all__ = ["register", "register_slices", "warp", "RegistrationResult", "DEFAULTS", "__version__"]
 
 
 def warp(image, displacement, order: int = 1):

@@ -128,6 +128,21 @@ def _varreg_method(name):
     return Method(name, label, "varreg", run, (2, 3), ("cpu", "gpu") if gpu_available() else ("cpu",), cfg, True)
 
 
+def _varreg_slices_method():
+    import varreg
+
+    def run(fixed, moving, spacing=None, device="cpu"):
+        res = varreg.register_slices(fixed, moving, axis=-1, spacing=spacing, device=device)
+        return np.asarray(res.displacement, dtype=np.float32)
+
+    cfg = ("varreg.register_slices(axis=-1): varreg's default L1-TV on every 2-D slice of the last axis, "
+           "no through-slice motion; for stacks of thick slices")
+    from .backend import gpu_available
+
+    return Method("varreg-slices", "varreg L1-TV slice by slice", "varreg", run, (3,),
+                  ("cpu", "gpu") if gpu_available() else ("cpu",), cfg, True)
+
+
 # --------------------------------------------------------------------------- VR-Net
 def _vrnet_methods(checkpoints, refine_warps):
     """``vrnet`` and ``vrnet+refine`` per checkpoint (named ``vrnet[stem]`` when there are several)."""
@@ -311,6 +326,7 @@ def registry(checkpoints=(), refine_warps: int = 5) -> dict:
                                   "zero displacement")}
     for name in VARREG_CONFIGS:
         out[name] = _varreg_method(name)
+    out["varreg-slices"] = _varreg_slices_method()
     for m in _vrnet_methods(list(checkpoints), refine_warps):
         out[m.name] = m
     for name in PEERS:
