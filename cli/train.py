@@ -44,7 +44,7 @@ class TrainCommand(click.Command):
     """Shows the options in three sections: run, model, loss (options not listed here are run options)."""
 
     sections: ClassVar[dict] = {**{n: MODEL for n in ("data_term", "n_warps", "n_iters", "shared", "width", "depth", "no_residual",
-                                      "no_condition", "init", "theta", "lam", "levels")},
+                                      "no_condition", "init", "theta", "lam", "levels", "scale")},
                 **{n: LOSS for n in ("similarity", "alpha", "ncc_weight", "dice_weight")}}
 
     def format_options(self, ctx, formatter):
@@ -130,6 +130,9 @@ MODEL_OPTS = [
                  help="The engine's lambda. Default: per data term (l1 0.1, l2 0.005)."),
     click.option("--levels", type=_pos_int, default=1, show_default=True, metavar="N",
                  help="Pyramid levels (1: full resolution only)."),
+    click.option("--scale", type=click.FloatRange(0.1, 1.0), default=1.0, show_default=True, metavar="F",
+                 help="Grid of the network relative to the images: the pair is smoothed and shrunk by F, the "
+                      "network runs there and its displacement is upsampled (F=0.5: about a quarter of the cost)."),
 ]
 LOSS_OPTS = [
     click.option("--similarity", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
@@ -214,7 +217,7 @@ def _run(o) -> int:
         mcfg = VRNetConfig(ndim=2, data_term=o["data_term"], n_warps=o["n_warps"], n_iters=o["n_iters"],
                            shared=o["shared"], width=o["width"], depth=o["depth"], residual=not o["no_residual"],
                            condition=not o["no_condition"], init=o["init"], theta_init=o["theta"], lam=o["lam"],
-                           levels=o["levels"])
+                           levels=o["levels"], scale=o["scale"])
         lcfg = LossConfig(similarity=o["similarity"], alpha=o["alpha"], ncc_weight=o["ncc_weight"],
                           dice_weight=o["dice_weight"])
     except ValueError as exc:

@@ -73,6 +73,31 @@ def test_forward_pyramid_and_bad_inputs():
         VRNetConfig(init="ones")
 
 
+def test_scale_runs_the_network_on_a_shrunk_pair_and_upsamples():
+    from varreg.pyramid import smoothing_sigma
+    from varreg.resample import gaussian_smooth, resize, resize_displacement
+
+    f, m = _pair((40, 34), batch=2, amplitude=2.0)
+    torch.manual_seed(0)
+    net = VRNet(VRNetConfig(scale=0.5, zero_init_out=False, **TINY))
+    with torch.no_grad():
+        u = net(f, m)
+        # the same network at full resolution, fed the shrunk pair by hand
+        full = VRNet(VRNetConfig(scale=1.0, zero_init_out=False, **TINY))
+        full.load_state_dict(net.state_dict())
+        fs = resize(gaussian_smooth(f, smoothing_sigma(0.5), 2), (20, 17), 2)
+        ms = resize(gaussian_smooth(m, smoothing_sigma(0.5), 2), (20, 17), 2)
+        ref = resize_displacement(full(fs, ms), (40, 34), 2)
+    assert u.shape == (2, 2, 40, 34)
+    assert torch.allclose(u, ref, atol=1e-6)
+    # gradients flow through the resizing to every cascade
+    u = net(f, m)
+    u.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.denoisers.parameters() if p.dim() > 1)
+    with pytest.raises(ValueError, match="scale"):
+        VRNetConfig(scale=1.5)
+
+
 # ----------------------------------------------------------------------------- gradients, theta
 def test_gradients_reach_every_cascade():
     f, m = _pair()

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from varreg.data_terms import make_data_term
 from varreg.engine import solve
-from varreg.pyramid import coarse_to_fine, level_shapes
-from varreg.resample import warp
+from varreg.pyramid import coarse_to_fine, level_shapes, smoothing_sigma
+from varreg.resample import gaussian_smooth, resize, resize_displacement, warp
 
 __all__ = ["VRNetConfig", "VRNet", "UNet", "GeneralisedDenoiser", "THETA_MIN", "inverse_softplus"]
 
@@ -72,6 +72,10 @@ class VRNetConfig:
     theta_init, lam : initial theta of every cascade and the engine's lambda;
         ``None`` takes the classical defaults of the data term (l1: 0.3, 0.1; l2: 0.02, 0.005).
     levels : pyramid levels (1: full resolution only); the cascades are shared by all levels.
+    scale : grid of the network relative to the images (1: the images' grid). With
+        ``scale < 1`` the pair is smoothed and shrunk (as a pyramid level), the
+        network runs there, and its displacement is upsampled (values rescaled) to
+        the images' grid: ``scale**ndim`` of the cost, for smooth motion.
     zero_init_out : zero the last convolution of every U-Net, so that an untrained
         residual network is the classical iteration with an identity denoiser.
     noise_std : standard deviation of the ``"noise"`` initialisation, voxels.
@@ -90,6 +94,7 @@ class VRNetConfig:
     theta_init: float | None = None
     lam: float | None = None
     levels: int = 1
+    scale: float = 1.0
     zero_init_out: bool = True
     noise_std: float = 0.5
 
@@ -115,6 +120,9 @@ class VRNetConfig:
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         self.noise_std = float(self.noise_std)
+        self.scale = float(self.scale)
+        if not (0.1 <= self.scale <= 1.0):
+            raise ValueError(f"scale must be in [0.1, 1], got {self.scale!r}")
         for name in ("shared", "residual", "condition", "zero_init_out"):
             setattr(self, name, bool(getattr(self, name)))
 
@@ -297,6 +305,20 @@ class VRNet(nn.Module):
             fixed, moving = fixed.unsqueeze(0), moving.unsqueeze(0)
         dtype = self.theta_raw.dtype  # images follow the parameters (float32 unless the model was cast)
         fixed, moving = fixed.to(dtype), moving.to(dtype)
+        full = tuple(fixed.shape[1:])
+        if cfg.scale < 1:
+            small = tuple(max(int(round(n * cfg.scale)), 4) for n in full)
+            sigma = smoothing_sigma(cfg.scale)
+            fixed = resize(gaussian_smooth(fixed, sigma, cfg.ndim), small, cfg.ndim)
+            moving = resize(gaussian_smooth(moving, sigma, cfg.ndim), small, cfg.ndim)
+        u = self._forward_grid(fixed, moving)
+        if cfg.scale < 1:
+            u = resize_displacement(u, full, cfg.ndim)
+        return u[0] if unbatched else u
+
+    def _forward_grid(self, fixed, moving):
+        """The cascades on the network's grid: ``(B, *spatial)`` pair -> ``(B, ndim, *spatial)``."""
+        cfg = self.config
         u0 = self.initial_displacement(fixed, moving)
         spatial = tuple(fixed.shape[1:])
         if cfg.levels == 1:
@@ -307,4 +329,4 @@ class VRNet(nn.Module):
             shapes = level_shapes(spatial, scale=0.5, levels=cfg.levels, min_size=8)
             u = coarse_to_fine(fixed, moving, lambda f, m, uu, lvl: self._solve(f, m, uu),
                                shapes=shapes, ndim=cfg.ndim, scale=0.5, u0=u0)
-        return u[0] if unbatched else u
+        return u
