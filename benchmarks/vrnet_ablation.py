@@ -42,8 +42,10 @@ from varreg_learned.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "varreg_learned" / "checkpoints" / "vrnet2d_acdc.pt"
 
-#: (name, data term, n_warps, n_iters): the paper's R-L{1,2}-NxM notation.
-CONFIGS = [("R-L1-2x1", "l1", 2, 1), ("R-L1-3x2", "l1", 3, 2), ("R-L2-2x1", "l2", 2, 1), ("R-L2-3x2", "l2", 3, 2)]
+#: (name, data term, n_warps, n_iters, scale): the paper's R-L{1,2}-NxM notation; "@0.5": the
+#: network runs on the pair shrunk to half size (VRNetConfig.scale) and its displacement is upsampled.
+CONFIGS = [("R-L1-2x1", "l1", 2, 1, 1.0), ("R-L1-3x2", "l1", 3, 2, 1.0), ("R-L2-2x1", "l2", 2, 1, 1.0),
+           ("R-L2-3x2", "l2", 3, 2, 1.0), ("R-L1-3x2@0.5", "l1", 3, 2, 0.5)]
 
 
 def trained(path: Path, steps: int) -> bool:
@@ -53,13 +55,13 @@ def trained(path: Path, steps: int) -> bool:
     return int(meta.get("steps", -1)) >= steps
 
 
-def train_one(name, data_term, n_warps, n_iters, args) -> dict:
+def train_one(name, data_term, n_warps, n_iters, scale, args) -> dict:
     out = Path(args.out) / name
     log = out / "train_summary.json"
     if trained(out / "best.pt", args.steps) and log.exists():
         return json.loads(log.read_text())
     mcfg = VRNetConfig(ndim=2, data_term=data_term, n_warps=n_warps, n_iters=n_iters, width=args.width,
-                       depth=args.depth)
+                       depth=args.depth, scale=scale)
     tcfg = TrainConfig(data=str(args.data), out=str(out), steps=args.steps, batch_size=args.batch_size,
                        size=tuple(args.size), lr=args.lr, seed=args.seed, val_every=0, device="cpu",
                        threads=args.threads, progress=not args.no_progress)
