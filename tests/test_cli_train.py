@@ -203,9 +203,9 @@ def test_shipped_checkpoint_command_gives_its_configuration(tmp_path, monkeypatc
         return {"step": tcfg.steps, "best_step": None, "best_val": None, "s_per_step": 0.0, "out": tcfg.out}
 
     monkeypatch.setattr(T, "train", fake_train)
-    run("train", "--data", tmp_path, "-o", tmp_path / "runs" / "vrnet2d_w8", "--steps", "3000", "--batch-size", "8",
+    run("train", "--data", tmp_path, "-o", tmp_path / "runs" / "vrnet2d_half", "--steps", "3000", "--batch-size", "8",
         "--size", "128,128", "--width", "8", "--depth", "3", "--threads", "2", "--lr", "5e-4", "--val-every", "500",
-        "--val-max-pairs", "40", "--device", "cpu")
+        "--val-max-pairs", "40", "--scale", "0.5", "--device", "cpu")
     meta = read_checkpoint(SHIPPED)
     skip = {"data", "out", "progress"}  # where it ran, and whether a terminal showed the bar
     want = {k: v for k, v in meta["meta"]["train"].items() if k not in skip}
