@@ -159,7 +159,10 @@ def main(argv=None):
                                                                "classical"))]
     entries = [(name, Path(args.out) / name / "best.pt", train_info[name]) for name, *_ in configs]
     if SHIPPED.exists():
-        entries.append(("shipped R-L1-3x2 (3000 steps)", SHIPPED, {}))
+        model, meta = load_checkpoint(SHIPPED)
+        c = model.config
+        entries.append((f"shipped R-{c.data_term.upper()}-{c.n_warps}x{c.n_iters}@{c.scale:g} ({meta.get('steps')} steps)",
+                        SHIPPED, {}))
     for name, path, tinfo in entries:
         res = evaluate(pairs, lambda f, m, p=path: register_learned(f, m, p).displacement, name)
         n_par = sum(p.numel() for p in load_checkpoint(path)[0].parameters())
