@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 import varreg
-from varreg import acdc, metrics
-from varreg.bench import reset_peak_rss, rss_gib
+from varreg import acdc
+from varreg.bench import STRUCTURES, acdc_pairs, reset_peak_rss, rss_gib, score
 from varreg_learned import register_learned
 from varreg_learned.checkpoint import load_checkpoint
 from varreg_learned.loss import LossConfig
@@ -102,26 +102,19 @@ def inference_memory(checkpoint, shape=(256, 216), threads=2) -> dict:
 
 
 def evaluate(pairs, fn, desc):
-    """Metrics of ``fn(fixed, moving) -> u`` over the pairs; time per pair after a warm-up.
-
-    HD: mean over the finite values (a structure that vanishes has none)."""
-    fn(pairs[0][0], pairs[0][1])
-    dice = {k: [] for k in acdc.LABELS}
-    hd, fold, times = [], [], []
-    for f, m, fl, ml in tqdm(pairs, desc=desc, unit="pair", leave=False):
+    """Metrics of ``fn(fixed, moving) -> u`` over ``pairs`` (:class:`varreg.bench.Pair`, scored by
+    :func:`varreg.bench.score`); time per pair after a warm-up. HD: mean over the finite values."""
+    fn(pairs[0].fixed, pairs[0].moving)
+    scores, times = [], []
+    for pair in tqdm(pairs, desc=desc, unit="pair", leave=False):
         t0 = time.perf_counter()
-        u = fn(f, m)
+        u = fn(pair.fixed, pair.moving)
         times.append(time.perf_counter() - t0)
-        w = varreg.warp(ml, u, order=0)
-        d = metrics.dice(fl, w, labels=list(acdc.LABELS))
-        for k in acdc.LABELS:
-            dice[k].append(d[k])
-        hd += [metrics.hausdorff(fl, w, k) for k in acdc.LABELS]
-        fold.append(metrics.folding_fraction(u))
-    out = {n: float(np.mean(dice[k])) for k, n in acdc.LABELS.items()}
-    out["mean"] = float(np.mean([out[n] for n in acdc.LABELS.values()]))
-    hd = np.asarray(hd)
-    out.update(hd=float(np.mean(hd[np.isfinite(hd)])), fold_pct=100 * float(np.mean(fold)),
+        scores.append(score(pair, u))
+    out = {s: float(np.mean([r[f"dice_{s}"] for r in scores])) for _, s in STRUCTURES}
+    out["mean"] = float(np.mean([out[s] for _, s in STRUCTURES]))
+    hd = np.asarray([r[f"hd_{s}"] for r in scores for _, s in STRUCTURES])
+    out.update(hd=float(np.mean(hd[np.isfinite(hd)])), fold_pct=float(np.mean([r["fold_pct"] for r in scores])),
                ms=1000 * float(np.mean(times)))
     return out
 
@@ -149,9 +142,7 @@ def main(argv=None):
     for c in configs:
         train_info[c[0]] = train_one(*c, args)
 
-    pairs = []
-    for pid in acdc.patients(args.data, "val"):
-        pairs += [(f, m, fl, ml) for _, f, m, fl, ml in acdc.slice_pairs(acdc.load_case(args.data, pid))]
+    pairs = acdc_pairs(args.data, acdc.patients(args.data, "val"), dims=(2,))["acdc-2d"]
     if args.max_pairs and len(pairs) > args.max_pairs:
         pairs = [pairs[i] for i in np.linspace(0, len(pairs) - 1, args.max_pairs).round().astype(int)]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,7 +39,6 @@ class Solved:
     mode: str  # "3d" | "2d" | "slices"
     solver_s: float
     info: dict
-    per_slice_u: dict = field(default_factory=dict)  # slices mode: z -> (2, X, Y)
 
     def warp_same_grid(self, vol: np.ndarray, order: int) -> np.ndarray:
         """Warp a volume on the fixed grid exactly as the API would (2-D per slice, 2-D or 3-D)."""
@@ -53,7 +52,7 @@ class Solved:
             return np.expand_dims(np.asarray(varreg.warp(v2, u2, order=order)), c)
         out = np.empty(vol.shape, dtype=(vol.dtype if (order == 0 or vol.dtype.kind == "f") else np.float32))
         for z in range(vol.shape[2]):
-            out[..., z] = np.asarray(varreg.warp(vol[..., z], self.per_slice_u[z], order=order))
+            out[..., z] = np.asarray(varreg.warp(vol[..., z], self.u[:2, :, :, z], order=order))
         return out
 
 
@@ -81,10 +80,7 @@ def solve(fixed: vio.Image, fixed_arr, moving_arr, *, slices: bool, solver: dict
                                      initial=initial, progress=lambda it: progress.loop(it, nz, "slices", on),
                                      **solver)
         u[:] = res.displacement
-        per = {z: u[:2, :, :, z] for z in range(nz)}
-        solver_s = sum(i["time_s"] for i in res.info["slices"])
-        info = res.info["slices"][-1]
-        return Solved(u, "slices", solver_s, info, per)
+        return Solved(u, "slices", sum(i["time_s"] for i in res.info["slices"]), res.info["slices"][-1])
     if len(active) == 3:
         sp = _spacing(fixed, (0, 1, 2), isotropic)
         text = f"registering 3-D {'x'.join(map(str, shape))}"
@@ -532,7 +528,7 @@ def run_apply(disp_path, image_path, out_path, *, labels=False, resample=False, 
         if mode == "slices":
             u = u.copy()
             u[2] = 0.0
-        solved = Solved(u, mode, 0.0, {}, {z: u[:2, :, :, z] for z in range(u.shape[3])} if mode == "slices" else {})
+        solved = Solved(u, mode, 0.0, {})
 
         def warp_data(data, order):
             return warp_onto_fixed(solved, grid, img, data, order, same)

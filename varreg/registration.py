@@ -302,19 +302,17 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
         initial = np.asarray(backend.to_numpy(initial), np.float32)
         if initial.shape != (3, *fixed.shape):
             raise ValueError(f"initial displacement has shape {initial.shape}; expected {(3, *fixed.shape)}")
+        initial = initial[plane]  # the in-plane components; the through-slice one is ignored
     n = fixed.shape[axis]
-    u = np.zeros((3, *fixed.shape), np.float32)
-    infos = []
+    per, infos = [], []
     for k in progress(range(n)) if progress is not None else range(n):
-        init = None if initial is None else np.take(initial[plane], k, axis=axis + 1)
+        init = None if initial is None else np.take(initial, k, axis=axis + 1)
         res = register(np.take(fixed, k, axis=axis), np.take(moving, k, axis=axis), spacing=sp, initial=init,
                        **options)
-        uk = np.asarray(backend.to_numpy(res.displacement), np.float32)
-        for c, a in enumerate(plane):
-            idx = [a, slice(None), slice(None), slice(None)]
-            idx[1 + axis] = k
-            u[tuple(idx)] = uk[c]
+        per.append(np.asarray(backend.to_numpy(res.displacement), np.float32))
         infos.append(res.info)
+    u = np.zeros((3, *fixed.shape), np.float32)
+    u[plane] = np.stack(per, axis=axis + 1)  # per[k]: (2, *slice shape), the in-plane components
     moving_f = moving if moving.dtype.kind == "f" else moving.astype(np.float32)
     warped = _warp(moving_f, u)  # u is zero along the slice axis: each slice is warped within itself
     info = dict(infos[0], slices=infos, slice_axis=axis, time_s=time.perf_counter() - t0)
