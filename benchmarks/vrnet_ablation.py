@@ -42,10 +42,12 @@ from varreg_learned.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "varreg_learned" / "checkpoints" / "vrnet2d_acdc.pt"
 
-#: (name, data term, n_warps, n_iters, scale): the paper's R-L{1,2}-NxM notation; "@0.5": the
-#: network runs on the pair shrunk to half size (VRNetConfig.scale) and its displacement is upsampled.
-CONFIGS = [("R-L1-2x1", "l1", 2, 1, 1.0), ("R-L1-3x2", "l1", 3, 2, 1.0), ("R-L2-2x1", "l2", 2, 1, 1.0),
-           ("R-L2-3x2", "l2", 3, 2, 1.0), ("R-L1-3x2@0.5", "l1", 3, 2, 0.5)]
+#: (name, data term, n_warps, n_iters, scale, dice weight): the paper's R-L{1,2}-NxM notation; "@0.5": the
+#: network runs on the pair shrunk to half size (VRNetConfig.scale) and its displacement is upsampled;
+#: "+Dice": the loss adds the label-overlap term (LossConfig.dice_weight, beyond the paper's unsupervised loss).
+CONFIGS = [("R-L1-2x1", "l1", 2, 1, 1.0, 0.0), ("R-L1-3x2", "l1", 3, 2, 1.0, 0.0), ("R-L2-2x1", "l2", 2, 1, 1.0, 0.0),
+           ("R-L2-3x2", "l2", 3, 2, 1.0, 0.0), ("R-L1-3x2@0.5", "l1", 3, 2, 0.5, 0.0),
+           ("R-L1-3x2@0.5+Dice", "l1", 3, 2, 0.5, 1.0)]
 
 
 def trained(path: Path, steps: int) -> bool:
@@ -55,7 +57,7 @@ def trained(path: Path, steps: int) -> bool:
     return int(meta.get("steps", -1)) >= steps
 
 
-def train_one(name, data_term, n_warps, n_iters, scale, args) -> dict:
+def train_one(name, data_term, n_warps, n_iters, scale, dice_weight, args) -> dict:
     out = Path(args.out) / name
     log = out / "train_summary.json"
     if trained(out / "best.pt", args.steps) and log.exists():
@@ -68,7 +70,7 @@ def train_one(name, data_term, n_warps, n_iters, scale, args) -> dict:
     reset = reset_peak_rss()
     base = rss_gib()[0]
     t0 = time.perf_counter()
-    summary = train(tcfg, mcfg, LossConfig(), log=lambda s: tqdm.write(f"[{name}] {s}"))
+    summary = train(tcfg, mcfg, LossConfig(dice_weight=dice_weight), log=lambda s: tqdm.write(f"[{name}] {s}"))
     wall = time.perf_counter() - t0
     peak = rss_gib()[1]
     res = dict(train_wall_s=wall, s_per_step=summary["s_per_step"], train_peak_gib=peak,

@@ -75,6 +75,8 @@ RUN_OPTS = [
                  help="Training crop (pixels): each pair is cropped/padded around the centre of the heart labels."),
     click.option("--slices", type=click.Choice(["any", "all3"]), default="any", show_default=True,
                  help="Train slices: labels present in both phases (any) or LV, Myo and RV in both (all3)."),
+    click.option("--augment", is_flag=True,
+                 help="Turn each pair by a random one of the 8 flips/rotations of the square crop (needs a square --size)."),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, metavar="X",
                  help="Adam learning rate."),
     click.option("--lr-decay-start", type=click.FloatRange(0, 1), default=0.5, show_default=True, metavar="F",
@@ -224,6 +226,8 @@ def _run(o) -> int:
         raise TrainFailure(f"model/loss options: {exc}") from None
 
     size = tuple(o["size"])
+    if o["augment"] and size[0] != size[1]:
+        raise click.UsageError(f"--augment turns the crops by 90 degrees: it needs a square --size, got {size[0]},{size[1]}")
     if o["benchmark"]:
         s = time_steps(mcfg, lcfg, batch_size=o["batch_size"], size=size, n=o["benchmark"], threads=o["threads"],
                        device=device)
@@ -250,7 +254,8 @@ def _run(o) -> int:
     from .progress import enabled
 
     tcfg = TrainConfig(data=data, out=out, steps=o["steps"], batch_size=o["batch_size"], size=size,
-                       slices=o["slices"], lr=o["lr"], lr_decay_start=o["lr_decay_start"], lr_final=o["lr_final"],
+                       slices=o["slices"], augment=o["augment"], lr=o["lr"], lr_decay_start=o["lr_decay_start"],
+                       lr_final=o["lr_final"],
                        grad_clip=o["grad_clip"], seed=o["seed"], val_every=o["val_every"],
                        val_max_pairs=o["val_max_pairs"], save_every=o["save_every"], device=device,
                        threads=o["threads"], max_patients=o["max_patients"],

@@ -187,6 +187,9 @@ def test_bad_options(tmp_path):
         return
     one_error_line(run("train", "--data", tmp_path, "-o", tmp_path / "r", "--device", "cuda:x", ok=False), "--device")
     one_error_line(run("train", "-o", tmp_path / "r", ok=False), "--data")
+    one_error_line(run("train", "--data", tmp_path, "-o", tmp_path / "r", "--augment", "--size", "128,96", ok=False),
+                   "square")
+    assert not (tmp_path / "r").exists()
 
 
 # --------------------------------------------------------------------------- options, help, benchmark

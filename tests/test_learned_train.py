@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from varreg_learned import VRNetConfig, load_checkpoint  # noqa: E402
-from varreg_learned.train import ACDCSlices, TrainConfig, _Sampler, crop_or_pad, evaluate, load_val_pairs, lr_at, train  # noqa: E402
+from varreg_learned.train import (ACDCSlices, TrainConfig, _Sampler, augment_d4, crop_or_pad, evaluate,  # noqa: E402
+                                  load_val_pairs, lr_at, train)
 
 ACDC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc"
 needs_acdc = pytest.mark.skipif(not (ACDC / "patient001_ED.nii.gz").exists(), reason="ACDC data not found")
@@ -38,6 +39,32 @@ def test_schedule_and_sampler():
     seen = [i for step in range(7) for i in s1.indices(step)]  # 21 samples = 3 epochs
     assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:14]) == list(range(7))
     assert s2.indices(5) == s1.indices(5)  # any step, any order: resumable
+
+
+def test_augment_d4_turns_each_pair_as_one():
+    """Every pair gets one of the 8 symmetries of the square, the same for its four maps; seeded."""
+    rng = np.random.default_rng(0)
+    n = 64
+    fixed = torch.from_numpy(rng.random((n, 5, 5), dtype=np.float32))
+    batch = {"fixed": fixed, "moving": fixed + 1, "fixed_labels": (fixed * 4).long(), "moving_labels": (fixed * 4).long() + 1}
+    out = augment_d4(batch, [3, 7])
+    a = fixed.numpy()
+    group = [np.flip(m, axes) if axes else m for m in (a, a.transpose(0, 2, 1)) for axes in ((), (1,), (2,), (1, 2))]
+    seen = set()
+    for i in range(n):
+        k = [j for j, g in enumerate(group) if np.array_equal(out["fixed"][i].numpy(), g[i])]
+        assert len(k) == 1  # exactly one symmetry (random values: no two coincide)
+        seen.add(k[0])
+        np.testing.assert_array_equal(out["moving"][i].numpy(), group[k[0]][i] + 1)
+        np.testing.assert_array_equal(out["moving_labels"][i] - 1, out["fixed_labels"][i])
+        np.testing.assert_array_equal(out["fixed_labels"][i].numpy(), (torch.from_numpy(group[k[0]][i].copy()) * 4).long().numpy())
+    assert seen == set(range(8))
+    again = augment_d4(batch, [3, 7])
+    assert all(torch.equal(again[k], out[k]) for k in out)
+    with pytest.raises(ValueError, match="square"):
+        augment_d4({"fixed": torch.zeros(2, 4, 6)}, 0)
+    with pytest.raises(ValueError, match="square"):
+        train(TrainConfig(out=str(Path("never-created")), size=(64, 96), augment=True))
 
 
 @needs_acdc

@@ -166,6 +166,28 @@ class ACDCSlices(torch.utils.data.Dataset):
                 "fixed_labels": self.fixed_labels[idx], "moving_labels": self.moving_labels[idx]}
 
 
+def augment_d4(batch: dict, seed) -> dict:
+    """Each pair of a batch turned by one of the 8 flips/rotations of the square (the dihedral group D4).
+
+    ``batch``: ``fixed``, ``moving`` (and ``fixed_labels``, ``moving_labels``) of shape
+    ``(B, H, W)``, ``H == W`` (square crops); the same transform is applied to the four
+    maps of a pair, drawn per pair from ``numpy.random.default_rng(seed)``. A pair stays
+    a valid registration problem: the loss needs no ground-truth displacement.
+    """
+    shapes = {tuple(v.shape[1:]) for v in batch.values()}
+    if any(h != w for h, w in shapes):
+        raise ValueError(f"D4 augmentation needs square crops, got {sorted(shapes)}")
+    codes = np.random.default_rng(seed).integers(0, 8, size=len(next(iter(batch.values()))))
+
+    def turn(x, c):  # c: bit 0 transpose, bit 1 flip rows, bit 2 flip columns
+        if c & 1:
+            x = x.transpose(-2, -1)
+        dims = [d for bit, d in ((2, -2), (4, -1)) if c & bit]
+        return x.flip(dims) if dims else x
+
+    return {k: torch.stack([turn(v[i], int(c)) for i, c in enumerate(codes)]) for k, v in batch.items()}
+
+
 def load_val_pairs(root, split: str = "val", max_pairs: int | None = None, max_patients: int | None = None):
     """Full-size validation pairs of the 2D protocol: list of ``(fixed, moving, fixed_labels, moving_labels)``.
 
@@ -219,6 +241,7 @@ class TrainConfig:
     batch_size: int = 10
     size: tuple = (192, 192)
     slices: str = "any"
+    augment: bool = False  # random flips/rotations of each pair (augment_d4)
     lr: float = 1e-4
     lr_decay_start: float = 0.5  # fraction of the steps after which the rate decays linearly ...
     lr_final: float = 0.1  # ... to lr * lr_final at the last step
@@ -314,6 +337,8 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
     loss_cfg = loss_cfg or LossConfig()
     if model_cfg.ndim != 2:
         raise ValueError("the ACDC trainer is 2-D: use VRNetConfig(ndim=2)")
+    if tcfg.augment and tcfg.size[0] != tcfg.size[1]:
+        raise ValueError(f"augment turns the crops by 90 degrees: it needs a square size, got {tuple(tcfg.size)}")
     out = Path(tcfg.out)
     last, best = out / "last.pt", out / "best.pt"
     dev = torch.device(tcfg.device)
@@ -371,6 +396,8 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
         while step < tcfg.steps:
             t0 = time.perf_counter()
             b = ds.batch(sampler.indices(step))
+            if tcfg.augment:
+                b = augment_d4(b, [tcfg.seed, step])
             b = {k: v.to(dev) for k, v in b.items()}
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, tcfg)
