@@ -40,7 +40,7 @@ from varreg_learned.model import VRNetConfig
 from varreg_learned.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "varreg_learned" / "checkpoints" / "vrnet2d_acdc.pt"
+SHIPPED = sorted((ROOT / "varreg_learned" / "checkpoints").glob("*.pt"))
 
 #: (name, data term, n_warps, n_iters, scale, dice weight): the paper's R-L{1,2}-NxM notation; "@0.5": the
 #: network runs on the pair shrunk to half size (VRNetConfig.scale) and its displacement is upsampled;
@@ -151,11 +151,12 @@ def main(argv=None):
     rows = [("varreg classical L1-TV (defaults)", {}, evaluate(pairs, lambda f, m: varreg.register(f, m).displacement,
                                                                "classical"))]
     entries = [(name, Path(args.out) / name / "best.pt", train_info[name]) for name, *_ in configs]
-    if SHIPPED.exists():
-        model, meta = load_checkpoint(SHIPPED)
-        c = model.config
-        entries.append((f"shipped R-{c.data_term.upper()}-{c.n_warps}x{c.n_iters}@{c.scale:g} ({meta.get('steps')} steps)",
-                        SHIPPED, {}))
+    for path in SHIPPED:
+        model, meta = load_checkpoint(path)
+        c, dice_w = model.config, meta.get("loss", {}).get("dice_weight", 0.0)
+        extras = ("+Dice" if dice_w else "") + ("+aug" if meta.get("train", {}).get("augment") else "")
+        entries.append((f"shipped {path.name}: R-{c.data_term.upper()}-{c.n_warps}x{c.n_iters}@{c.scale:g}{extras} "
+                        f"({meta.get('steps')} steps)", path, {}))
     for name, path, tinfo in entries:
         res = evaluate(pairs, lambda f, m, p=path: register_learned(f, m, p).displacement, name)
         n_par = sum(p.numel() for p in load_checkpoint(path)[0].parameters())
