@@ -227,8 +227,6 @@ def _run(o) -> int:
         raise TrainFailure(f"model/loss options: {exc}") from None
 
     size = tuple(o["size"])
-    if o["augment"] and size[0] != size[1]:
-        raise click.UsageError(f"--augment turns the crops by 90 degrees: it needs a square --size, got {size[0]},{size[1]}")
     if o["benchmark"]:
         s = time_steps(mcfg, lcfg, batch_size=o["batch_size"], size=size, n=o["benchmark"], threads=o["threads"],
                        device=device)

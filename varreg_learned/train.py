@@ -43,7 +43,7 @@ __all__ = ["ACDCSlices", "TrainConfig", "TrainInputError", "train", "evaluate", 
 
 # --------------------------------------------------------------------------- data
 class TrainInputError(ValueError):
-    """The data folder or the output folder cannot be used (raised before anything is written)."""
+    """The data folder, the output folder or the crop options cannot be used (raised before anything is written)."""
 
 
 _LAYOUT = ("patientNNN_ED.nii.gz, patientNNN_ES.nii.gz, patientNNN_ED_gt.nii.gz, patientNNN_ES_gt.nii.gz "
@@ -338,7 +338,8 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
     if model_cfg.ndim != 2:
         raise ValueError("the ACDC trainer is 2-D: use VRNetConfig(ndim=2)")
     if tcfg.augment and tcfg.size[0] != tcfg.size[1]:
-        raise ValueError(f"augment turns the crops by 90 degrees: it needs a square size, got {tuple(tcfg.size)}")
+        raise TrainInputError(f"augment turns the crops by 90 degrees: it needs a square crop (--size), "
+                              f"got {tcfg.size[0]}x{tcfg.size[1]}")
     out = Path(tcfg.out)
     last, best = out / "last.pt", out / "best.pt"
     dev = torch.device(tcfg.device)
