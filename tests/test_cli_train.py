@@ -245,9 +245,12 @@ def test_help_is_cheap_and_grouped():
 
 
 @needs_torch
-def test_benchmark_writes_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--dice-weight", "1"]], ids=["unsupervised", "label-term"])
+def test_benchmark_writes_nothing(tmp_path, monkeypatch, extra):
+    # with the label term the synthetic pairs need labels too (it used to stop with an internal error)
     monkeypatch.chdir(tmp_path)
     res = run("train", "--benchmark", "1", "--steps", "100", "--width", "2", "--depth", "1", "--n-warps", "1",
-              "--n-iters", "1", "--batch-size", "1", "--size", "16,16", "--threads", "1")
+              "--n-iters", "1", "--batch-size", "1", "--size", "16,16", "--threads", "1", *extra)
+    assert res.exit_code == 0, res.output
     assert "s/step" in res.stdout and "100 steps" in res.stdout
     assert os.listdir(tmp_path) == []

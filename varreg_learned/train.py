@@ -446,7 +446,11 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
 
 def time_steps(model_cfg: VRNetConfig, loss_cfg: LossConfig | None = None, *, batch_size=10, size=(192, 192),
                n=10, warmup=1, threads=None, device="cpu", seed=0) -> float:
-    """Seconds per training step (forward, loss, backward, Adam) on synthetic smooth pairs of ``size``."""
+    """Seconds per training step (forward, loss, backward, Adam) on synthetic smooth pairs of ``size``.
+
+    With a label term (``loss_cfg.dice_weight > 0``) the pairs get labels too:
+    the intensity quantiles of each image cut into background and ``n_labels`` classes.
+    """
     from varreg.synthetic import deform, sinusoidal_displacement, smooth_random_image
 
     if threads:
@@ -457,6 +461,12 @@ def time_steps(model_cfg: VRNetConfig, loss_cfg: LossConfig | None = None, *, ba
     truth = sinusoidal_displacement(tuple(size), amplitude=3.0)
     m = np.stack([deform(x, truth) for x in f])
     dev = torch.device(device)
+    labels = {}
+    if loss_cfg is not None and loss_cfg.dice_weight > 0:
+        def quantile_labels(x):
+            edges = np.quantile(x, np.linspace(0, 1, loss_cfg.n_labels + 2)[1:-1])
+            return torch.from_numpy(np.digitize(x, edges).astype(np.int64)).to(device)
+        labels = dict(fixed_labels=quantile_labels(f), moving_labels=quantile_labels(m))
     f, m = torch.from_numpy(f).to(dev), torch.from_numpy(m).to(dev)
     model = VRNet(model_cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -465,7 +475,7 @@ def time_steps(model_cfg: VRNetConfig, loss_cfg: LossConfig | None = None, *, ba
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = vrnet_loss(f, m, model(f, m), loss_cfg)
+        loss, _ = vrnet_loss(f, m, model(f, m), loss_cfg, **labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
