@@ -90,6 +90,7 @@ def _solver_help_fields() -> dict:
     out = {}
     for key in ("theta", "lam", "warps", "iterations", "denoiser_iterations"):
         out[key] = ", ".join(f"{v[key]} for {dt}" for dt, v in R.DEFAULTS.items())
+    out["denoiser_iterations"] += "".join(f"; {n} for {d}" for d, n in R.DENOISER_ITERATIONS.items())
     for key in ("data_term", "denoiser", "levels", "scale", "min_size", "device", "normalise"):
         d = sig[key].default
         out[key] = "all (down to --min-size)" if (key == "levels" and d is None) else d

@@ -3,7 +3,8 @@
 Data steps: the point-wise sub-problem ``(1/s)|rho0 + g.u|^s + theta/2 |v - u|^2``
 against a brute-force minimiser (L1) and the exact linear solve / the paper's
 component-wise formulas (L2). Denoisers: ROF closed forms, duality gaps,
-perturbation checks, the residual of the quadratic solve, Huber's quadratic limit.
+perturbation checks, the residual of the quadratic solve, Huber's quadratic limit,
+TGV-ROF against a brute-force (smoothed, L-BFGS) minimiser and on affine fields.
 Float64 unless stated (the kernels are typed for it too), so that objective
 values can be compared at 1e-6.
 """
@@ -248,6 +249,85 @@ def test_quadratic_solves_the_screened_poisson_equation(shape, spacing):
     assert not np.allclose(v, u)
     # warm start: a second call with the same u returns the solution at once
     np.testing.assert_allclose(den(u, weight), v, atol=1e-12)
+
+
+def _tgv_parts(v, w, h, eps=0.0):
+    """Residual ``g = grad v - w``, ``e = E(w)`` and their norms (``|e|`` with off-diagonals twice), smoothed by ``eps``."""
+    ndim = v.ndim - 1
+    g = forward_difference(v, ndim, h) - w
+    e = denoisers.symmetrised_gradient(w, ndim, h)
+    weight = np.array([1.0] * ndim + [2.0] * (ndim * (ndim - 1) // 2)).reshape((-1,) + (1,) * ndim)
+    ng = np.sqrt(np.sum(g * g, axis=1) + eps**2)
+    ne = np.sqrt(np.sum(weight * e * e, axis=1) + eps**2)
+    return g, e, ng, ne
+
+
+def _tgv_primal(v, w, u, weight, beta, h, eps=0.0):
+    """``sum_c |grad v_c - w_c| + beta |E(w_c)| + |v - u|^2 / (2 weight)``."""
+    _, _, ng, ne = _tgv_parts(v, w, h, eps)
+    return ng.sum() + beta * ne.sum() + np.sum((v - u) ** 2) / (2 * weight)
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 2.0)])
+def test_tgv_reaches_the_brute_force_minimiser(spacing):
+    """Many primal-dual steps reach the minimum that L-BFGS finds on the smoothed objective, and no perturbation lowers it."""
+    rng = np.random.default_rng(8)
+    d, shape, weight, beta = 2, (7, 6), 0.7, 1.5
+    h = spacing or (1.0, 1.0)
+    u = rng.standard_normal((d, *shape)) * 1.5
+    den = denoisers.TGV(beta, n_iter=20000, spacing=spacing)
+    v = den(u, weight)
+    w = den._state["w"]
+    got = _tgv_primal(v, w, u, weight, beta, h)
+
+    nv = u.size
+    eps = 1e-4
+
+    def smoothed(x):
+        vv, ww = x[:nv].reshape(u.shape), x[nv:].reshape(w.shape)
+        g, e, ng, ne = _tgv_parts(vv, ww, h, eps)
+        f = ng.sum() + beta * ne.sum() + np.sum((vv - u) ** 2) / (2 * weight)
+        gn = g / ng[:, None]
+        grad_v = -divergence(gn, 2, h) + (vv - u) / weight
+        grad_w = -gn - beta * denoisers.symmetrised_divergence(e / ne[:, None], 2, h)
+        return f, np.concatenate([grad_v.ravel(), grad_w.ravel()])
+
+    x0 = np.concatenate([u.ravel(), np.zeros(w.size)])
+    res = minimize(smoothed, x0, jac=True, method="L-BFGS-B", options=dict(maxiter=5000, maxfun=10000, ftol=1e-15, gtol=1e-9))
+    brute = _tgv_primal(res.x[:nv].reshape(u.shape), res.x[nv:].reshape(w.shape), u, weight, beta, h)
+    assert got <= brute + 1e-5 * abs(brute), (got, brute)
+    assert brute <= got + 1e-3 * abs(got), (got, brute)  # the brute force found the same minimum
+    assert _tgv_primal(u, np.zeros_like(w), u, weight, beta, h) > got + 1.0
+    for k in range(20):
+        dv = rng.standard_normal(v.shape) * (1e-2 if k % 2 else 1e-3)
+        dw = rng.standard_normal(w.shape) * (1e-2 if k % 2 else 1e-3)
+        assert got <= _tgv_primal(v + dv, w + dw, u, weight, beta, h) + 1e-7 * abs(got)
+
+
+def test_symmetrised_gradient_of_a_linear_field():
+    """``E(w) = (grad w + grad w^T) / 2``: constant for a linear ``w``, stored as diagonal then off-diagonal entries."""
+    z, y, x = np.mgrid[0:6, 0:7, 0:8].astype(np.float64)
+    h = (2.0, 1.0, 0.5)
+    A = np.array([[0.3, -0.2, 0.5], [0.7, 0.1, -0.4], [0.2, 0.6, -0.3]])  # w_j = sum_k A[j, k] * (coordinate k in units of h)
+    coords = (z * h[0], y * h[1], x * h[2])
+    w = np.stack([sum(A[j, k] * coords[k] for k in range(3)) for j in range(3)])
+    e = denoisers.symmetrised_gradient(w, 3, h)[:, :-1, :-1, :-1]  # forward differences vanish on the far faces
+    want = [A[0, 0], A[1, 1], A[2, 2], (A[0, 1] + A[1, 0]) / 2, (A[0, 2] + A[2, 0]) / 2, (A[1, 2] + A[2, 1]) / 2]
+    for got, expected in zip(e, want):
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+def test_tgv_keeps_an_affine_field_that_tv_flattens():
+    """An affine displacement has no second derivative: TGV returns it nearly untouched, TV shrinks its slopes."""
+    y, x = np.mgrid[0:24, 0:20].astype(np.float64)
+    u = np.stack([0.1 * y + 0.05 * x + 1.0, -0.2 * x + 0.03 * y])
+    v_tgv = denoisers.TGV(2.0, n_iter=3000)(u, 0.5)
+    v_tv = denoisers.TV(3000)(u, 0.5)
+    err_tgv, err_tv = np.abs(v_tgv - u).max(), np.abs(v_tv - u).max()
+    assert err_tgv < 0.03 and err_tv > 0.3, (err_tgv, err_tv)
+    # the slopes inside: exact for TGV up to a border effect of the Neumann differences
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    np.testing.assert_allclose(np.gradient(v_tgv, axis=1)[inner], np.gradient(u, axis=1)[inner], atol=5e-3)
 
 
 def test_huber_with_a_large_alpha_is_the_quadratic_denoiser():

@@ -105,6 +105,7 @@ VARREG_CONFIGS = {
     "varreg-l2-huber": ("l2", "huber", "varreg L2-Huber"),
     "varreg-l2-quadratic": ("l2", "quadratic", "varreg L2-quadratic"),
     "varreg-l1-tv-vectorial": ("l1", "tv-vectorial", "varreg L1-vectorial TV"),
+    "varreg-l1-tgv": ("l1", "tgv", "varreg L1-TGV"),
 }
 VARREG_DEFAULT = ("varreg", "varreg-l1-huber", "varreg-l1-quadratic", "varreg-l2-tv", "varreg-l2-huber",
                   "varreg-l2-quadratic")

@@ -23,6 +23,10 @@ DEFAULTS = {
     "l1": dict(theta=0.1, lam=0.04, warps=5, iterations=3, denoiser_iterations=2),
     "l2": dict(theta=0.004, lam=0.004, warps=5, iterations=3, denoiser_iterations=2),
 }
+#: Inner steps per call for denoisers that need more than the data term's default:
+#: TGV's primal-dual iteration. ACDC train split, every 4th patient (102 pairs), mean
+#: Dice with 2 / 3 / 5 steps: 0.860 / 0.870 / 0.875 (TV defaults: 0.866).
+DENOISER_ITERATIONS = {"tgv": 5}
 DEFAULT_SCALE = 0.6
 DEFAULT_MIN_SIZE = 16
 
@@ -127,12 +131,13 @@ def register(
     fixed, moving : arrays of one shape, 2-D ``(H, W)`` or 3-D ``(D, H, W)``;
         any real dtype. NumPy arrays run on the CPU; CuPy arrays on their GPU.
     data_term : ``"l1"`` (default, robust) or ``"l2"`` (sum of squared differences).
-    denoiser : ``"tv"`` (default), ``"tv-vectorial"``, ``"huber"``, ``"quadratic"``
+    denoiser : ``"tv"`` (default), ``"tv-vectorial"``, ``"huber"``, ``"tgv"``, ``"quadratic"``
         or a callable ``denoiser(u, weight) -> v`` (see :mod:`varreg.denoisers`).
     theta, lam : splitting penalty and regularisation weight; defaults per data
         term in :data:`DEFAULTS`, for intensities scaled to [0, 1] (``normalise``).
     warps, iterations : Gauss-Newton warps per level and splitting iterations per warp.
-    denoiser_iterations : inner steps of a built-in denoiser per call.
+    denoiser_iterations : inner steps of a built-in denoiser per call (default
+        2, 5 for ``"tgv"``: :data:`DENOISER_ITERATIONS`).
     levels, scale, min_size : pyramid: number of levels (``None``: down to
         ``min_size`` voxels), shrink factor per level, smallest axis length.
     spacing : voxel size per axis (any unit); only ratios matter: the
@@ -180,7 +185,11 @@ def register(
     lam = defaults["lam"] if lam is None else lam
     warps = defaults["warps"] if warps is None else warps
     iterations = defaults["iterations"] if iterations is None else iterations
-    den_iters = defaults["denoiser_iterations"] if denoiser_iterations is None else denoiser_iterations
+    if denoiser_iterations is None:
+        key = denoiser.lower() if isinstance(denoiser, str) else None
+        den_iters = DENOISER_ITERATIONS.get(key, defaults["denoiser_iterations"])
+    else:
+        den_iters = denoiser_iterations
     for name, val in (("theta", theta), ("lam", lam)):
         if not (np.isscalar(val) and np.isfinite(val) and val > 0):
             raise ValueError(f"{name} must be a positive finite number, got {val!r}")
