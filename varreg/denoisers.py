@@ -160,6 +160,9 @@ class TGV:
         alpha1`` in the paper), in voxels; larger is closer to TV.
     n_iter : primal-dual steps per call.
     spacing : relative grid step per axis, default 1.
+    ratio : split of the step between primal and dual, ``tau = step / ratio``,
+        ``sigma = step * ratio`` (``tau sigma |K|^2 <= 1`` holds for any ratio).
+        With few steps per call it changes the result, like a weight.
     """
 
     def __init__(self, beta: float = 2.0, n_iter: int = 5, *, spacing=None, ratio: float = 1.0):
@@ -167,6 +170,8 @@ class TGV:
             raise ValueError(f"beta must be > 0, got {beta}")
         if n_iter < 1:
             raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+        if not ratio > 0:
+            raise ValueError(f"ratio must be > 0, got {ratio}")
         self.beta, self.n_iter, self.ratio = float(beta), int(n_iter), float(ratio)
         self.spacing = None if spacing is None else tuple(float(h) for h in spacing)
         self._state = None
@@ -179,7 +184,7 @@ class TGV:
         ndim = _spatial_ndim(u)
         h = self.spacing or (1.0,) * ndim
         xp = namespace(u)
-        fused = is_numpy(xp) and isinstance(u, np.ndarray) and u.ndim == 3 == ndim + 1 and not hasattr(weight, "shape")
+        fused = is_numpy(xp) and isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not hasattr(weight, "shape")
         if fused:
             u = np.ascontiguousarray(u)
         st = self._state
