@@ -121,8 +121,10 @@ def _varreg_method(name):
         return np.asarray(to_numpy(res.displacement), dtype=np.float32)
 
     d = varreg.DEFAULTS[data_term]
+    den_iters = varreg.registration.DENOISER_ITERATIONS.get(denoiser, d["denoiser_iterations"])
     cfg = (f"varreg.register(data_term={data_term!r}, denoiser={denoiser!r}): theta {d['theta']}, lam {d['lam']}, "
-           f"{d['warps']} warps x {d['iterations']} iterations, scale {varreg.register.__kwdefaults__['scale']}"
+           f"{d['warps']} warps x {d['iterations']} iterations x {den_iters} denoiser steps, "
+           f"scale {varreg.register.__kwdefaults__['scale']}"
            " (varreg.DEFAULTS of the data term, chosen for TV on the ACDC train split; not retuned per denoiser)")
     from .backend import gpu_available
 
