@@ -70,7 +70,8 @@ def _command_line() -> str | None:
                    "Default: all (val with --quick; train with --tune).")
 @click.option("--methods", multiple=True, callback=_csv_list, metavar="LIST",
               help="Comma-separated methods (see --list-methods). Default: unregistered, varreg's six "
-                   "configurations (L1/L2 x TV/Huber/quadratic), vrnet and vrnet+refine (with --checkpoint), "
+                   "configurations (L1/L2 x TV/Huber/quadratic), vrnet, vrnet+refine and vrnet+refine-tgv (with "
+                   "--checkpoint), "
                    "and every installed peer (skimage-tvl1, sitk-demons, ants-syn). A method that cannot run "
                    "here (peer not installed, no checkpoint) is skipped with a note in the report.")
 @click.option("--list-methods", is_flag=True, help="Print every method, whether it can run here and its "
@@ -94,10 +95,10 @@ def _command_line() -> str | None:
 @click.option("--synthetic-amplitude", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
               metavar="X", help="Peak of the synthetic displacement (voxels).")
 @click.option("--checkpoint", "checkpoints", multiple=True, metavar="PATH",
-              help="A trained VR-Net checkpoint (repeatable): adds vrnet and vrnet+refine (used in the suites of "
+              help="A trained VR-Net checkpoint (repeatable): adds vrnet, vrnet+refine and vrnet+refine-tgv (used in the suites of "
                    "its dimension). Without it those methods are skipped with a note.")
 @click.option("--refine-warps", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
-              help="Classical warps at the finest level after the network in vrnet+refine.")
+              help="Classical warps at the finest level after the network in vrnet+refine (TV) and vrnet+refine-tgv (TGV).")
 @click.option("--gpu/--no-gpu", default=None,
               help="Also time GPU-capable methods on a GPU (Table VI's GPU columns). Default: when one is usable.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",

@@ -281,7 +281,7 @@ def test_vrnet_with_a_checkpoint(tmp_path):
     ck = save_checkpoint(tmp_path / "tiny.pt", VRNet(VRNetConfig(ndim=2, width=4, depth=2, n_warps=1, n_iters=1)))
     data = _phantom_acdc(tmp_path / "acdc", patients=(4,), shape=(32, 32, 2))
     out = tmp_path / "r"
-    res = _invoke("--data", str(data), "--methods", "vrnet,vrnet+refine", "--suites", "acdc-2d,acdc-3d",
+    res = _invoke("--data", str(data), "--methods", "vrnet,vrnet+refine,vrnet+refine-tgv", "--suites", "acdc-2d,acdc-3d",
                   "--checkpoint", str(ck), "--refine-warps", "2", "-o", str(out), "-q")
     torch.set_num_threads(1)
     assert res.exit_code == 0, res.output + str(res.exception)
@@ -290,10 +290,11 @@ def test_vrnet_with_a_checkpoint(tmp_path):
     per = _read_csv(out / "per_pair_acdc_2d.csv")
     case = acdc.load_case(data, "patient004")
     z, f, m, fl, ml = next(acdc.slice_pairs(case))
-    u = register_learned(f, m, str(ck), refine=2).displacement
-    w = varreg.warp(ml, u, order=0)
-    r = next(r for r in per if r["method"] == "vrnet+refine" and int(r["index"]) == z)
-    assert _same(r["dice_LV"], metrics.dice(fl, w, labels=[3])[3])
+    for method, denoiser in (("vrnet+refine", "tv"), ("vrnet+refine-tgv", "tgv")):
+        u = register_learned(f, m, str(ck), refine=2, denoiser=denoiser).displacement
+        w = varreg.warp(ml, u, order=0)
+        r = next(r for r in per if r["method"] == method and int(r["index"]) == z)
+        assert _same(r["dice_LV"], metrics.dice(fl, w, labels=[3])[3]), method
 
 
 @pytest.mark.parametrize("args, message", [

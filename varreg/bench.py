@@ -148,10 +148,12 @@ def _varreg_slices_method():
 
 # --------------------------------------------------------------------------- VR-Net
 def _vrnet_methods(checkpoints, refine_warps):
-    """``vrnet`` and ``vrnet+refine`` per checkpoint (named ``vrnet[stem]`` when there are several)."""
+    """``vrnet``, ``vrnet+refine`` (TV warps) and ``vrnet+refine-tgv`` (TGV warps) per checkpoint
+    (named ``vrnet[stem]`` ... when there are several)."""
+    variants = (("vrnet", 0, None), ("vrnet+refine", refine_warps, "tv"), ("vrnet+refine-tgv", refine_warps, "tgv"))
     out = []
     if not checkpoints:
-        for name in ("vrnet", "vrnet+refine"):
+        for name, _, _ in variants:
             out.append(Unavailable(name, name, "learned", "no --checkpoint given (the package ships varreg_learned/checkpoints/vrnet2d_acdc.pt, 2-D)"))
         return out
     from varreg_learned.inference import load_model, register_learned
@@ -162,15 +164,15 @@ def _vrnet_methods(checkpoints, refine_warps):
         ndim = model.config.ndim
         tag = "" if len(checkpoints) == 1 else f"[{Path(ck).stem}]"
         cuda = torch.cuda.is_available()
-        for refine in (0, refine_warps):
-            name = f"vrnet{tag}" if refine == 0 else f"vrnet+refine{tag}"
-
-            def run(fixed, moving, spacing=None, device="cpu", _ck=ck, _refine=refine):
+        for base, refine, denoiser in variants:
+            def run(fixed, moving, spacing=None, device="cpu", _ck=ck, _refine=refine, _den=denoiser):
                 opts = {}
-                if _refine and spacing is not None:
-                    opts["spacing"] = spacing
-                if _refine and device == "gpu":
-                    opts["device"] = "gpu"
+                if _refine:
+                    opts["denoiser"] = _den
+                    if spacing is not None:
+                        opts["spacing"] = spacing
+                    if device == "gpu":
+                        opts["device"] = "gpu"
                 res = register_learned(fixed, moving, _ck, refine=_refine,
                                        device="cuda" if device == "gpu" else "cpu", **opts)
                 return np.asarray(to_numpy(res.displacement), dtype=np.float32)
@@ -178,10 +180,11 @@ def _vrnet_methods(checkpoints, refine_warps):
             cfg = (f"checkpoint {path} ({ndim}-D, {model.config.data_term}, {model.config.n_warps}x"
                    f"{model.config.n_iters} cascades, {meta.get('steps', '?')} training steps)")
             if refine:
-                cfg += f", then {refine} warps of varreg.register at the finest level (levels=1, initial=network)"
-            label = ("VR-Net" if refine == 0 else f"VR-Net + {refine} classical warps") + tag
-            out.append(Method(name, label, "learned", run, (ndim,), ("cpu", "gpu") if cuda else ("cpu",), cfg,
-                              bool(refine)))
+                cfg += (f", then {refine} warps of varreg.register(denoiser={denoiser!r}) at the finest level "
+                        "(levels=1, initial=network)")
+            label = ("VR-Net" if refine == 0 else f"VR-Net + {refine} classical {denoiser.upper()} warps") + tag
+            out.append(Method(f"{base}{tag}", label, "learned", run, (ndim,), ("cpu", "gpu") if cuda else ("cpu",),
+                              cfg, bool(refine)))
     return out
 
 
