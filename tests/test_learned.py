@@ -342,7 +342,36 @@ def test_shipped_checkpoints_register_real_validation_slices():
     scores = {p.name: (mean_dice(lambda f, m, p=p: register_learned(f, m, p).displacement),
                        mean_dice(lambda f, m, p=p: register_learned(f, m, p, refine=5).displacement))
               for p in sorted(ckpts.glob("*.pt"))}
-    # measured: before 0.455, classical 0.708; vrnet2d_acdc 0.806 / refined 0.825; unsupervised 0.717 / 0.753
+    # measured: before 0.455, classical 0.708; vrnet2d_acdc 0.809 / refined 0.820; unsupervised 0.717 / 0.753
     for alone, refined in scores.values():
         assert alone > before + 0.2 and refined > before + 0.2
     assert min(scores["vrnet2d_acdc.pt"]) > classical + 0.05
+
+
+def test_load_model_keeps_a_few_checkpoints(tmp_path, monkeypatch):
+    """Alternating between checkpoints (a benchmark of several) loads each once; a rewritten file is reloaded."""
+    import varreg_learned.inference as I
+    from varreg_learned import VRNet, VRNetConfig
+    from varreg_learned.checkpoint import save_checkpoint
+
+    paths = [save_checkpoint(tmp_path / f"m{i}.pt", VRNet(VRNetConfig(ndim=2, width=2 + i, depth=1, n_warps=1, n_iters=1)))
+             for i in range(I._CACHE_SIZE + 1)]
+    loads = []
+    real = I.load_checkpoint
+    monkeypatch.setattr(I, "load_checkpoint", lambda p, **kw: loads.append(Path(p).name) or real(p, **kw))
+    monkeypatch.setattr(I, "_CACHE", {})
+    for _ in range(3):
+        for p in paths[:2]:
+            model, _, _ = I.load_model(p)
+            assert model.config.width == 2 + paths.index(p)
+    assert loads == ["m0.pt", "m1.pt"]
+    for p in paths:  # one more than the cache holds: the least recently used (m0) goes
+        I.load_model(p)
+    assert len(I._CACHE) == I._CACHE_SIZE
+    I.load_model(paths[-1])
+    I.load_model(paths[0])
+    assert loads[2:] == [p.name for p in paths[2:]] + ["m0.pt"]
+    # a rewritten checkpoint (new size/mtime) is read again, and its stale entry dropped
+    save_checkpoint(paths[1], VRNet(VRNetConfig(ndim=2, width=7, depth=1, n_warps=1, n_iters=1)))
+    assert I.load_model(paths[1])[0].config.width == 7
+    assert sum(k[0] == str(Path(paths[1]).resolve()) for k in I._CACHE) == 1

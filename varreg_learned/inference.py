@@ -16,7 +16,10 @@ from .model import VRNet
 
 __all__ = ["register_learned", "load_model"]
 
+#: Loaded models by (path, mtime, size, device), most recent last; a few are kept so that
+#: alternating between checkpoints (a benchmark of several) does not reload one each call.
 _CACHE: dict = {}
+_CACHE_SIZE = 4
 
 
 def _normalise(fixed, moving):
@@ -28,7 +31,7 @@ def _normalise(fixed, moving):
 
 
 def load_model(checkpoint, *, ndim: int | None = None, device: str = "cpu") -> tuple[VRNet, dict, str]:
-    """``(model, meta, name)`` from a path (cached by path, mtime and size) or a ``VRNet``."""
+    """``(model, meta, name)`` from a path (the last few cached by path, mtime and size) or a ``VRNet``."""
     if isinstance(checkpoint, VRNet):
         cfg = checkpoint.config
         if ndim is not None and cfg.ndim != ndim:
@@ -43,11 +46,12 @@ def load_model(checkpoint, *, ndim: int | None = None, device: str = "cpu") -> t
     except OSError:
         key = None
     if key is not None and key in _CACHE:
-        model, meta = _CACHE[key]
+        model, meta = _CACHE[key] = _CACHE.pop(key)
     else:
         model, meta = load_checkpoint(path, map_location=device)
         if key is not None:
-            _CACHE.clear()
+            for old in [k for k in _CACHE if k[0] == key[0]] + list(_CACHE)[: max(0, len(_CACHE) - _CACHE_SIZE + 1)]:
+                _CACHE.pop(old, None)  # a rewritten file's older entries, then the least recently used
             _CACHE[key] = (model, meta)
     if ndim is not None and model.config.ndim != ndim:
         raise ValueError(f"{path} is a {model.config.ndim}-D VR-Net checkpoint; it cannot register {ndim}-D images "
