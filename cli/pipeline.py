@@ -20,7 +20,7 @@ from varreg.io import InputError
 from . import progress
 
 SOLVER_KEYS = ("data_term", "denoiser", "theta", "lam", "warps", "iterations", "denoiser_iterations",
-               "levels", "scale", "min_size", "normalise", "device", "checkpoint", "refine")
+               "levels", "scale", "min_size", "normalise", "device", "checkpoint", "refine", "refine_denoiser")
 
 
 def echo(msg: str, quiet: bool) -> None:
@@ -323,8 +323,13 @@ def check_solver_options(solver: dict) -> None:
     ckpt = solver.get("checkpoint")
     if unet and ckpt is None:
         raise InputError("--denoiser", "unet (VR-Net) needs --ckpt PATH")
-    if not unet and (ckpt is not None or solver.get("refine")):
-        raise InputError("--ckpt", "--ckpt and --refine go with --denoiser unet")
+    if not unet and (ckpt is not None or solver.get("refine") or solver.get("refine_denoiser")):
+        raise InputError("--ckpt", "--ckpt, --refine and --refine-denoiser go with --denoiser unet")
+    rd = solver.get("refine_denoiser")
+    if rd is not None and rd.lower() not in DENOISERS:
+        raise InputError("--refine-denoiser", f"unknown denoiser {rd!r}; choose one of {', '.join(DENOISERS)}")
+    if rd is not None and not solver.get("refine"):
+        raise InputError("--refine-denoiser", "it sets the denoiser of the --refine warps: give --refine N too")
     if ckpt is not None and not os.path.isfile(ckpt):
         raise InputError(ckpt, "checkpoint file not found")
 

@@ -28,11 +28,23 @@ def test_register_unet_is_vrnet_with_refinement():
     assert res.info["method"] == "vrnet" and res.info["refine"] == 2
 
 
+def test_register_unet_refines_with_the_chosen_denoiser():
+    fixed, moving = _pair()
+    res = varreg.register(fixed, moving, denoiser="unet", checkpoint=CKPT, refine=2, refine_denoiser="tgv")
+    ref = register_learned(fixed, moving, CKPT, refine=2, denoiser="tgv")
+    np.testing.assert_allclose(res.displacement, ref.displacement, atol=1e-5)
+    assert res.info["refine_options"]["denoiser"] == "tgv"
+    tv = varreg.register(fixed, moving, denoiser="unet", checkpoint=CKPT, refine=2).displacement
+    assert np.abs(tv - res.displacement).max() > 1e-4  # the choice reaches the warps
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(denoiser="unet"), "needs checkpoint"),
     (dict(denoiser="unet", checkpoint=CKPT, initial=np.zeros((2, 48, 40), np.float32)), "initial= is not taken"),
     (dict(checkpoint=CKPT), "go with denoiser='unet'"),
     (dict(refine=2), "go with denoiser='unet'"),
+    (dict(refine_denoiser="tgv"), "go with denoiser='unet'"),
+    (dict(denoiser="unet", checkpoint=CKPT, refine=1, refine_denoiser="bm3d"), "refine_denoiser must be one of"),
 ])
 def test_register_unet_option_errors(kwargs, message):
     fixed, moving = _pair()
@@ -60,3 +72,13 @@ def test_cli_register_slices_with_unet(tmp_path):
                                   str(tmp_path / "o2"), "--denoiser", "unet"])
     assert r.exit_code == 2 and "needs --ckpt" in r.output
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+    # --refine-denoiser: runs with --refine, and is refused without it or with an unknown name
+    base = ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--slices", "--denoiser", "unet",
+            "--ckpt", str(CKPT), "--quiet", "-o"]
+    r = CliRunner().invoke(main, base + [str(tmp_path / "o3"), "--refine", "1", "--refine-denoiser", "tgv"])
+    assert r.exit_code == 0, r.output
+    for extra, message in ((["--refine-denoiser", "tgv"], "give --refine N too"),
+                           (["--refine", "1", "--refine-denoiser", "bm3d"], "unknown denoiser 'bm3d'")):
+        r = CliRunner().invoke(main, base + [str(tmp_path / "o4"), *extra])
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert not (tmp_path / "o4").exists()

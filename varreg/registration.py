@@ -8,7 +8,7 @@ import numpy as np
 
 from . import backend
 from .data_terms import make_data_term
-from .denoisers import make_denoiser
+from .denoisers import DENOISERS, make_denoiser
 from .engine import solve
 from .pyramid import coarse_to_fine, level_shapes
 from .resample import warp as _warp
@@ -119,6 +119,7 @@ def register(
     device="auto",
     checkpoint=None,
     refine=0,
+    refine_denoiser="tv",
 ):
     """Deformable registration of ``moving`` onto ``fixed`` (TV-L1 and its relatives).
 
@@ -152,6 +153,9 @@ def register(
         schedule options and ``spacing`` do not apply (it was trained in pixels).
     refine : with ``denoiser="unet"``: further warps of the classical solver on
         the network's displacement (same engine, ``varreg_learned.register_learned``).
+    refine_denoiser : the classical denoiser of those warps (a name, as ``denoiser``):
+        ``"tv"`` (default, fast) or ``"tgv"`` (on ACDC val: mean Dice 0.881 against
+        0.877 with the shipped checkpoint, at about twice the time).
 
     Returns
     -------
@@ -173,9 +177,10 @@ def register(
     if isinstance(denoiser, str) and denoiser.lower() == "unet":
         if initial is not None:
             raise ValueError("denoiser='unet' computes its own initial displacement; initial= is not taken")
-        return _register_unet(fixed, moving, checkpoint, refine, device, normalise)
-    if checkpoint is not None or refine:
-        raise ValueError("checkpoint and refine go with denoiser='unet' (VR-Net); the classical denoisers take neither")
+        return _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise)
+    if checkpoint is not None or refine or refine_denoiser != "tv":
+        raise ValueError("checkpoint, refine and refine_denoiser go with denoiser='unet' (VR-Net); "
+                         "the classical denoisers take none of them")
     t0 = time.perf_counter()
     fixed, moving = validate_pair(fixed, moving)
     ndim = fixed.ndim
@@ -246,7 +251,7 @@ def register(
     return RegistrationResult(displacement=u, warped=warped, info=info)
 
 
-def _register_unet(fixed, moving, checkpoint, refine, device, normalise):
+def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise):
     """``denoiser="unet"``: VR-Net from a checkpoint, through ``varreg_learned``."""
     if checkpoint is None:
         raise ValueError("denoiser='unet' needs checkpoint=PATH (a VR-Net checkpoint, e.g. "
@@ -261,7 +266,10 @@ def _register_unet(fixed, moving, checkpoint, refine, device, normalise):
     if device == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("device='gpu' was asked for but torch sees no CUDA device. Use device='cpu' or 'auto'.")
     tdev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    return register_learned(fixed, moving, checkpoint, refine=int(refine), device=tdev, normalise=normalise)
+    if not (isinstance(refine_denoiser, str) and refine_denoiser.lower() in DENOISERS):
+        raise ValueError(f"refine_denoiser must be one of {sorted(DENOISERS)}, got {refine_denoiser!r}")
+    opts = {"denoiser": refine_denoiser} if refine else {}
+    return register_learned(fixed, moving, checkpoint, refine=int(refine), device=tdev, normalise=normalise, **opts)
 
 
 def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None, progress=None, **options):
