@@ -195,7 +195,7 @@ def test_bad_options(tmp_path):
 # --------------------------------------------------------------------------- options, help, benchmark
 #: the documented command behind each shipped checkpoint (docs/vrnet.md, `varreg train --help`)
 SHIPPED_COMMANDS = {
-    "vrnet2d_acdc.pt": "--steps 8000 --batch-size 8 --size 128,128 --width 8 --depth 3 --threads 2 --lr 5e-4 "
+    "vrnet2d_acdc.pt": "--steps 8000 --batch-size 8 --size 128,128 --width 12 --depth 3 --threads 1 --lr 5e-4 "
                        "--val-every 500 --val-max-pairs 40 --scale 0.5 --dice-weight 1 --augment --device cpu",
     "vrnet2d_acdc_unsupervised.pt": "--steps 3000 --batch-size 8 --size 128,128 --width 8 --depth 3 --threads 2 "
                                     "--lr 5e-4 --val-every 500 --val-max-pairs 40 --scale 0.5 --device cpu",
