@@ -69,8 +69,8 @@ def _command_line() -> str | None:
               help="Patients by the ACDC number rule: train n % 5 in {1,2,3}, val n % 5 == 4, all. "
                    "Default: all (val with --quick; train with --tune).")
 @click.option("--methods", multiple=True, callback=_csv_list, metavar="LIST",
-              help="Comma-separated methods (see --list-methods). Default: unregistered, varreg's six "
-                   "configurations (L1/L2 x TV/Huber/quadratic), vrnet, vrnet+refine and vrnet+refine-tgv (with "
+              help="Comma-separated methods (see --list-methods). Default: unregistered, varreg's seven "
+                   "configurations (L1/L2 x TV/Huber/quadratic, L1-TGV), vrnet, vrnet+refine and vrnet+refine-tgv (with "
                    "--checkpoint), "
                    "and every installed peer (skimage-tvl1, sitk-demons, ants-syn). A method that cannot run "
                    "here (peer not installed, no checkpoint) is skipped with a note in the report.")

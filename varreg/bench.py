@@ -107,8 +107,6 @@ VARREG_CONFIGS = {
     "varreg-l1-tv-vectorial": ("l1", "tv-vectorial", "varreg L1-vectorial TV"),
     "varreg-l1-tgv": ("l1", "tgv", "varreg L1-TGV"),
 }
-VARREG_DEFAULT = ("varreg", "varreg-l1-huber", "varreg-l1-quadratic", "varreg-l2-tv", "varreg-l2-huber",
-                  "varreg-l2-quadratic")
 
 
 def _varreg_method(name):
