@@ -27,7 +27,7 @@ import numpy as np
 from array_api_compat import device as array_device
 
 from .backend import is_numpy, namespace
-from .differences import divergence, forward_difference, laplacian
+from .differences import _take, divergence, forward_difference, laplacian
 
 __all__ = ["TV", "Huber", "TGV", "Quadratic", "DENOISERS", "make_denoiser"]
 
@@ -157,7 +157,7 @@ class TGV:
     Parameters
     ----------
     beta : weight of the second-order term relative to the first (``alpha0 /
-        alpha1`` in the paper), in voxels; larger is closer to TV.
+        alpha1`` in Bredies et al.), in voxels; larger is closer to TV.
     n_iter : primal-dual steps per call.
     spacing : relative grid step per axis, default 1.
     ratio : split of the step between primal and dual, ``tau = step / ratio``,
@@ -197,8 +197,7 @@ class TGV:
 
             kernels.tgv_steps(u, st, float(weight), self.beta, tau, sigma, self.n_iter, h)
             return st["v"].copy()
-        else:
-            self._state = tgv_steps(u, st, weight, self.beta, tau, sigma, self.n_iter, h)
+        self._state = tgv_steps(u, st, weight, self.beta, tau, sigma, self.n_iter, h)
         return xp.asarray(self._state["v"], copy=True)
 
 
@@ -229,7 +228,7 @@ def symmetrised_gradient(w, ndim: int, spacing=None):
     xp = namespace(w)
     caxis = w.ndim - ndim - 1
     g = forward_difference(w, ndim, spacing)  # (..., ndim [component j], ndim [derivative k], *spatial)
-    entry = lambda j, k: _take_axis(_take_axis(g, caxis, j), caxis, k)  # noqa: E731  d_k w_j
+    entry = lambda j, k: _take(_take(g, caxis, j), caxis, k)  # noqa: E731  d_k w_j
     out = [entry(j, j) if j == k else 0.5 * (entry(j, k) + entry(k, j)) for j, k in _sym_pairs(ndim)]
     return xp.stack(out, axis=caxis)
 
@@ -245,14 +244,8 @@ def symmetrised_divergence(q, ndim: int, spacing=None):
     index = {}
     for n, (j, k) in enumerate(_sym_pairs(ndim)):
         index[j, k] = index[k, j] = n
-    rows = [xp.stack([_take_axis(q, caxis, index[j, k]) for k in range(ndim)], axis=caxis) for j in range(ndim)]
+    rows = [xp.stack([_take(q, caxis, index[j, k]) for k in range(ndim)], axis=caxis) for j in range(ndim)]
     return xp.stack([divergence(r, ndim, spacing) for r in rows], axis=caxis)
-
-
-def _take_axis(a, axis, i):
-    idx = [slice(None)] * a.ndim
-    idx[axis] = i
-    return a[tuple(idx)]
 
 
 def tgv_steps(u, state, weight, beta, tau, sigma, n_iter, spacing):

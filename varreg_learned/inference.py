@@ -50,8 +50,10 @@ def load_model(checkpoint, *, ndim: int | None = None, device: str = "cpu") -> t
     else:
         model, meta = load_checkpoint(path, map_location=device)
         if key is not None:
-            for old in [k for k in _CACHE if k[0] == key[0]] + list(_CACHE)[: max(0, len(_CACHE) - _CACHE_SIZE + 1)]:
-                _CACHE.pop(old, None)  # a rewritten file's older entries, then the least recently used
+            for stale in [k for k in _CACHE if k[0] == key[0]]:  # the same file before it was rewritten
+                del _CACHE[stale]
+            while len(_CACHE) >= _CACHE_SIZE:
+                del _CACHE[next(iter(_CACHE))]  # the least recently used
             _CACHE[key] = (model, meta)
     if ndim is not None and model.config.ndim != ndim:
         raise ValueError(f"{path} is a {model.config.ndim}-D VR-Net checkpoint; it cannot register {ndim}-D images "
