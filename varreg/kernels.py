@@ -211,19 +211,20 @@ def data_step(v, g, rho0, gg, theta: float, l1: bool) -> np.ndarray:
 @njit(**_opts)
 def _tv2(u, p, v, mu, tau, alpha, n_iter, hy, hx, coupled):
     d, H, W = u.shape
+    one, zero = np.float32(1.0), np.float32(0.0)  # float32 literals: float64 ones promote every step
     step = tau / mu
-    shrink = 1.0 / (1.0 + tau * alpha / mu)
+    shrink = one / (one + tau * alpha / mu)
     for it in range(n_iter + 1):
         for i in prange(H):
-            ty = hy if i < H - 1 else 0.0
-            by = hy if i > 0 else 0.0
+            ty = hy if i < H - 1 else zero
+            by = hy if i > 0 else zero
             im = max(i - 1, 0)
             for c in range(d):
                 for j in range(1, W - 1):
                     dv = ty * p[c, 0, i, j] - by * p[c, 0, im, j] + hx * (p[c, 1, i, j] - p[c, 1, i, j - 1])
                     v[c, i, j] = u[c, i, j] + mu * dv
                 for j in (0, W - 1):
-                    dx = (p[c, 1, i, j] if j < W - 1 else 0.0) - (p[c, 1, i, j - 1] if j > 0 else 0.0)
+                    dx = (p[c, 1, i, j] if j < W - 1 else zero) - (p[c, 1, i, j - 1] if j > 0 else zero)
                     v[c, i, j] = u[c, i, j] + mu * (ty * p[c, 0, i, j] - by * p[c, 0, im, j] + hx * dx)
         if it == n_iter:
             break
@@ -237,17 +238,17 @@ def _tv2(u, p, v, mu, tau, alpha, n_iter, hy, hx, coupled):
                 p[c, 1, i, W - 1] *= shrink
             if coupled:
                 for j in range(W):
-                    tot = 0.0
+                    tot = zero
                     for c in range(d):
                         tot += p[c, 0, i, j] ** 2 + p[c, 1, i, j] ** 2
-                    s = 1.0 / max(math.sqrt(tot), 1.0)
+                    s = one / max(math.sqrt(tot), one)
                     for c in range(d):
                         p[c, 0, i, j] *= s
                         p[c, 1, i, j] *= s
             else:
                 for c in range(d):
                     for j in range(W):
-                        s = 1.0 / max(math.sqrt(p[c, 0, i, j] ** 2 + p[c, 1, i, j] ** 2), 1.0)
+                        s = one / max(math.sqrt(p[c, 0, i, j] ** 2 + p[c, 1, i, j] ** 2), one)
                         p[c, 0, i, j] *= s
                         p[c, 1, i, j] *= s
 
@@ -255,16 +256,17 @@ def _tv2(u, p, v, mu, tau, alpha, n_iter, hy, hx, coupled):
 @njit(**_opts)
 def _tv3(u, p, v, mu, tau, alpha, n_iter, hz, hy, hx, coupled):
     d, D, H, W = u.shape
+    one, zero = np.float32(1.0), np.float32(0.0)  # float32 literals: float64 ones promote every step
     step = tau / mu
-    shrink = 1.0 / (1.0 + tau * alpha / mu)
+    shrink = one / (one + tau * alpha / mu)
     for it in range(n_iter + 1):
         for k in prange(D):
-            tz = hz if k < D - 1 else 0.0
-            bz = hz if k > 0 else 0.0
+            tz = hz if k < D - 1 else zero
+            bz = hz if k > 0 else zero
             km = max(k - 1, 0)
             for i in range(H):
-                ty = hy if i < H - 1 else 0.0
-                by = hy if i > 0 else 0.0
+                ty = hy if i < H - 1 else zero
+                by = hy if i > 0 else zero
                 im = max(i - 1, 0)
                 for c in range(d):
                     for j in range(1, W - 1):
@@ -273,7 +275,7 @@ def _tv3(u, p, v, mu, tau, alpha, n_iter, hz, hy, hx, coupled):
                               + hx * (p[c, 2, k, i, j] - p[c, 2, k, i, j - 1]))
                         v[c, k, i, j] = u[c, k, i, j] + mu * dv
                     for j in (0, W - 1):
-                        dx = (p[c, 2, k, i, j] if j < W - 1 else 0.0) - (p[c, 2, k, i, j - 1] if j > 0 else 0.0)
+                        dx = (p[c, 2, k, i, j] if j < W - 1 else zero) - (p[c, 2, k, i, j - 1] if j > 0 else zero)
                         dv = (tz * p[c, 0, k, i, j] - bz * p[c, 0, km, i, j]
                               + ty * p[c, 1, k, i, j] - by * p[c, 1, k, im, j] + hx * dx)
                         v[c, k, i, j] = u[c, k, i, j] + mu * dv
@@ -294,10 +296,10 @@ def _tv3(u, p, v, mu, tau, alpha, n_iter, hz, hy, hx, coupled):
                 # projection onto the unit ball (per component, or of all components together)
                 if coupled:
                     for j in range(W):
-                        tot = 0.0
+                        tot = zero
                         for c in range(d):
                             tot += p[c, 0, k, i, j] ** 2 + p[c, 1, k, i, j] ** 2 + p[c, 2, k, i, j] ** 2
-                        s = 1.0 / max(math.sqrt(tot), 1.0)
+                        s = one / max(math.sqrt(tot), one)
                         for c in range(d):
                             p[c, 0, k, i, j] *= s
                             p[c, 1, k, i, j] *= s
@@ -305,8 +307,8 @@ def _tv3(u, p, v, mu, tau, alpha, n_iter, hz, hy, hx, coupled):
                 else:
                     for c in range(d):
                         for j in range(W):
-                            s = 1.0 / max(math.sqrt(p[c, 0, k, i, j] ** 2 + p[c, 1, k, i, j] ** 2
-                                                    + p[c, 2, k, i, j] ** 2), 1.0)
+                            s = one / max(math.sqrt(p[c, 0, k, i, j] ** 2 + p[c, 1, k, i, j] ** 2
+                                                    + p[c, 2, k, i, j] ** 2), one)
                             p[c, 0, k, i, j] *= s
                             p[c, 1, k, i, j] *= s
                             p[c, 2, k, i, j] *= s
