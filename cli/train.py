@@ -167,9 +167,9 @@ def train(**opts):
     # the paper's ACDC run (R-L1-3x2, alpha 0.05, Adam 1e-4 decaying after half)
     varreg train --data ../shared/data/acdc -o runs/vrnet2d --steps 20000 --batch-size 10
     # the run behind the shipped varreg_learned/checkpoints/vrnet2d_acdc.pt (with train labels,
-    # augmented; without --dice-weight and --augment, 3000 steps: vrnet2d_acdc_unsupervised.pt)
-    varreg train --data ../shared/data/acdc -o runs/vrnet2d_dice_aug --steps 8000 --batch-size 8 \\
-        --size 128,128 --width 8 --depth 3 --threads 2 --lr 5e-4 --val-every 500 \\
+    # augmented; vrnet2d_acdc_unsupervised.pt: width 8, 3000 steps, neither, see docs/vrnet.md)
+    varreg train --data ../shared/data/acdc -o runs/vrnet2d_w12 --steps 8000 --batch-size 8 \\
+        --size 128,128 --width 12 --depth 3 --threads 1 --lr 5e-4 --val-every 500 \\
         --val-max-pairs 40 --scale 0.5 --dice-weight 1 --augment --device cpu
     # seconds per step at the default size (synthetic pairs, nothing read or written)
     varreg train --benchmark 10 --threads 1

@@ -210,8 +210,7 @@ def tgv_initial_state(u, ndim: int) -> dict:
     xp = namespace(u)
     lead, spatial = tuple(u.shape[: u.ndim - ndim]), tuple(u.shape[u.ndim - ndim:])
     z = lambda k: xp.zeros((*lead, k, *spatial), dtype=u.dtype, device=array_device(u))  # noqa: E731
-    v = xp.asarray(u, copy=True)
-    return dict(v=v, vb=xp.asarray(u, copy=True), w=z(ndim), wb=z(ndim), p=z(ndim), q=z(ndim * (ndim + 1) // 2))
+    return dict(v=xp.asarray(u, copy=True), vb=xp.asarray(u, copy=True), w=z(ndim), wb=z(ndim), p=z(ndim), q=z(ndim * (ndim + 1) // 2))
 
 
 def _sym_pairs(ndim):
