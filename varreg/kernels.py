@@ -338,61 +338,72 @@ def tv_dual(u, p, mu: float, tau: float, alpha: float, n_iter: int, spacing, cou
 # --------------------------------------------------------------------------- TGV-ROF
 @njit(**_opts)
 def _tgv2(u, v, vb, w, wb, p, q, mu, beta, tau, sigma, n_iter, hy, hx):
+    # Inner loops shaped for LLVM's vectoriser: columns run in stretches whose difference
+    # offsets and factors are loop-invariant (built inside the prange bodies: numba cannot
+    # pass tuples into them) instead of clamped indices per column, and each loop updates
+    # one variable rather than all at once over ~15 row pointers. A step on 256x216 went
+    # from 0.64 to 0.55 ms (2 threads); the kernel is bound by memory traffic beyond that.
     d, H, W = u.shape
     one, half, two, zero = np.float32(1.0), np.float32(0.5), np.float32(2.0), np.float32(0.0)
     t_mu = tau / mu
     inv = one / (one + t_mu)
     binv = one / beta
+    hx0 = hx if W > 1 else zero
     for it in range(n_iter):
-        # dual ascent at the extrapolated primal (vb, wb), then projection; forward differences
-        # with ip / jp clamped, so that they vanish at the last row / column
+        # dual ascent at the extrapolated primal (vb, wb), then projection
         for i in prange(H):
             ip = min(i + 1, H - 1)
+            # forward differences: interior (offset 1), last column (offset 0: they vanish)
+            fwd = ((0, W - 1, 1), (W - 1, W, 0))
             for c in range(d):
                 vbr, vbp = vb[c, i], vb[c, ip]
                 w0, w0p, w1, w1p = wb[c, 0, i], wb[c, 0, ip], wb[c, 1, i], wb[c, 1, ip]
                 p0, p1, q0, q1, q2 = p[c, 0, i], p[c, 1, i], q[c, 0, i], q[c, 1, i], q[c, 2, i]
-                for j in range(W):
-                    jp = min(j + 1, W - 1)
-                    a = p0[j] + sigma * (hy * (vbp[j] - vbr[j]) - w0[j])
-                    b = p1[j] + sigma * (hx * (vbr[jp] - vbr[j]) - w1[j])
-                    n = one / max(math.sqrt(a * a + b * b), one)
-                    p0[j] = a * n
-                    p1[j] = b * n
-                    a = q0[j] + sigma * hy * (w0p[j] - w0[j])
-                    b = q1[j] + sigma * hx * (w1[jp] - w1[j])
-                    e = q2[j] + sigma * half * (hx * (w0[jp] - w0[j]) + hy * (w1p[j] - w1[j]))
-                    n = one / max(math.sqrt(a * a + b * b + two * e * e) * binv, one)
-                    q0[j] = a * n
-                    q1[j] = b * n
-                    q2[j] = e * n
-        # primal descent and extrapolation; backward differences of the duals with the Neumann
-        # rule of differences.divergence: the factors ty/by/tx/bx vanish where a term drops out
+                for j0, j1, dj in fwd:
+                    for j in range(j0, j1):
+                        a = p0[j] + sigma * (hy * (vbp[j] - vbr[j]) - w0[j])
+                        b = p1[j] + sigma * (hx * (vbr[j + dj] - vbr[j]) - w1[j])
+                        n = one / max(math.sqrt(a * a + b * b), one)
+                        p0[j] = a * n
+                        p1[j] = b * n
+                    for j in range(j0, j1):
+                        a = q0[j] + sigma * hy * (w0p[j] - w0[j])
+                        b = q1[j] + sigma * hx * (w1[j + dj] - w1[j])
+                        e = q2[j] + sigma * half * (hx * (w0[j + dj] - w0[j]) + hy * (w1p[j] - w1[j]))
+                        n = one / max(math.sqrt(a * a + b * b + two * e * e) * binv, one)
+                        q0[j] = a * n
+                        q1[j] = b * n
+                        q2[j] = e * n
+        # primal descent and extrapolation; backward differences of the duals, whose factors
+        # ty/by (rows) and tx/bx (columns) vanish where the Neumann rule of
+        # differences.divergence drops a term
         for i in prange(H):
             ty = hy if i < H - 1 else zero
             by = hy if i > 0 else zero
             im = max(i - 1, 0)
+            # first column, interior, last column: (start, stop, tx, bx, offset of j - 1)
+            bwd = ((0, 1, hx0, zero, 0), (1, W - 1, hx, hx, 1), (max(W - 1, 1), W, zero, hx, 1))
             for c in range(d):
                 ur, vr, vbr = u[c, i], v[c, i], vb[c, i]
-                wr0, wr1, wbr0, wbr1 = w[c, 0, i], w[c, 1, i], wb[c, 0, i], wb[c, 1, i]
                 pr0, pm0, pr1 = p[c, 0, i], p[c, 0, im], p[c, 1, i]
-                qr0, qm0, qr1, qr2, qm2 = q[c, 0, i], q[c, 0, im], q[c, 1, i], q[c, 2, i], q[c, 2, im]
-                for j in range(W):
-                    jm = max(j - 1, 0)
-                    tx = hx if j < W - 1 else zero
-                    bx = hx if j > 0 else zero
-                    divp = ty * pr0[j] - by * pm0[j] + tx * pr1[j] - bx * pr1[jm]
-                    dq0 = ty * qr0[j] - by * qm0[j] + tx * qr2[j] - bx * qr2[jm]
-                    dq1 = ty * qr2[j] - by * qm2[j] + tx * qr1[j] - bx * qr1[jm]
-                    vn = (vr[j] + tau * divp + t_mu * ur[j]) * inv
-                    vbr[j] = two * vn - vr[j]
-                    vr[j] = vn
-                    a = wr0[j] + tau * (pr0[j] + dq0)
-                    b = wr1[j] + tau * (pr1[j] + dq1)
-                    wbr0[j] = two * a - wr0[j]
-                    wbr1[j] = two * b - wr1[j]
-                    wr0[j] = a
-                    wr1[j] = b
+                for j0, j1, tx, bx, dm in bwd:
+                    for j in range(j0, j1):
+                        divp = ty * pr0[j] - by * pm0[j] + tx * pr1[j] - bx * pr1[j - dm]
+                        vn = (vr[j] + tau * divp + t_mu * ur[j]) * inv
+                        vbr[j] = two * vn - vr[j]
+                        vr[j] = vn
+                # row a of the symmetrised divergence of q = [[q0, q2], [q2, q1]]:
+                # D_y^- q[a, 0] + D_x^- q[a, 1]
+                for a in range(2):
+                    wr, wbr, pr = w[c, a, i], wb[c, a, i], p[c, a, i]
+                    qy, qym = q[c, 2 * a, i], q[c, 2 * a, im]
+                    qx = q[c, 2 - a, i]
+                    for j0, j1, tx, bx, dm in bwd:
+                        for j in range(j0, j1):
+                            dq = ty * qy[j] - by * qym[j] + tx * qx[j] - bx * qx[j - dm]
+                            na = wr[j] + tau * (pr[j] + dq)
+                            wbr[j] = two * na - wr[j]
+                            wr[j] = na
 
 
 @njit(**_opts)
