@@ -100,12 +100,12 @@ def _solver_help_fields() -> dict:
 
 
 def _solver_kwargs(data_term, denoiser, theta, lam, warps, iterations, denoiser_iterations, levels, scale,
-                   min_size, normalise, device, ckpt=None, refine=None, refine_denoiser=None) -> dict:
+                   min_size, normalise, device, ckpt=None, refine=None, refine_denoiser=None, precision=None) -> dict:
     """Options left unset are None so that varreg.register applies its own (per-data-term) defaults."""
     return dict(data_term=data_term, denoiser=denoiser, theta=theta, lam=lam, warps=warps, iterations=iterations,
                 denoiser_iterations=denoiser_iterations, levels=levels, scale=scale, min_size=min_size,
                 normalise=normalise, device=device, checkpoint=ckpt, refine=refine,
-                refine_denoiser=refine_denoiser)
+                refine_denoiser=refine_denoiser, precision=precision)
 
 
 _pos_float = click.FloatRange(min=0, min_open=True)
@@ -128,6 +128,9 @@ def solver_options(f):
         click.option("--refine-denoiser", metavar="NAME", default=None,
                      help="Denoiser of the --refine warps: tv (default, fast) or tgv (more accurate, about twice "
                           "the time), or another of {denoisers}."),
+        click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+                     help="With --denoiser unet: arithmetic of the U-Nets. auto (default): bfloat16 on CPUs "
+                          "that compute it in hardware (about 1.4x faster, same Dice on ACDC), else float32."),
         click.option("--theta", type=_pos_float, default=None, metavar="X",
                      help="Splitting penalty θ (intensities scaled to [0, 1]). Default: {theta} (varreg.DEFAULTS)."),
         click.option("--lam", type=_pos_float, default=None, metavar="X",
@@ -210,7 +213,8 @@ def main():
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs (default: refuse, write nothing).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary line (errors still go to stderr).")
 def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, slices, frame, fixed_frame,
-             moving_frame, initial, isotropic, data_term, denoiser, ckpt, refine, refine_denoiser, theta, lam, warps,
+             moving_frame, initial, isotropic, data_term, denoiser, ckpt, refine, refine_denoiser, precision, theta, lam,
+             warps,
              iterations,
              denoiser_iterations, levels, scale, min_size, normalise, device, threads, force, quiet):
     """Register MOVING onto FIXED (NIfTI, or 2-D PNG/TIFF/NPY) in physical space.
@@ -239,7 +243,7 @@ def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, s
         slices=slices, frame=frame, fixed_frame=fixed_frame, moving_frame=moving_frame, force=force, quiet=quiet,
         isotropic=isotropic, initial=initial, t0=t0, threads=threads,
         solver=_solver_kwargs(data_term, denoiser, theta, lam, warps, iterations, denoiser_iterations, levels,
-                              scale, min_size, normalise, device, ckpt, refine, refine_denoiser),
+                              scale, min_size, normalise, device, ckpt, refine, refine_denoiser, precision),
     )
 
 

@@ -20,7 +20,8 @@ from varreg.io import InputError
 from . import progress
 
 SOLVER_KEYS = ("data_term", "denoiser", "theta", "lam", "warps", "iterations", "denoiser_iterations",
-               "levels", "scale", "min_size", "normalise", "device", "checkpoint", "refine", "refine_denoiser")
+               "levels", "scale", "min_size", "normalise", "device", "checkpoint", "refine", "refine_denoiser",
+               "precision")
 
 
 def echo(msg: str, quiet: bool) -> None:
@@ -323,8 +324,12 @@ def check_solver_options(solver: dict) -> None:
     ckpt = solver.get("checkpoint")
     if unet and ckpt is None:
         raise InputError("--denoiser", "unet (VR-Net) needs --ckpt PATH")
-    if not unet and (ckpt is not None or solver.get("refine") or solver.get("refine_denoiser")):
-        raise InputError("--ckpt", "--ckpt, --refine and --refine-denoiser go with --denoiser unet")
+    if not unet:
+        given = [opt for opt, key in (("--ckpt", "checkpoint"), ("--refine", "refine"),
+                                      ("--refine-denoiser", "refine_denoiser"), ("--precision", "precision"))
+                 if solver.get(key) not in (None, 0)]
+        if given:
+            raise InputError(given[0], "--ckpt, --refine, --refine-denoiser and --precision go with --denoiser unet")
     rd = solver.get("refine_denoiser")
     if rd is not None and rd.lower() not in DENOISERS:
         raise InputError("--refine-denoiser", f"unknown denoiser {rd!r}; choose one of {', '.join(DENOISERS)}")

@@ -8,8 +8,10 @@ from click.testing import CliRunner
 
 import varreg
 import varreg_learned
+from varreg.phantom import demo_pair
 from varreg_cli.main import main
-from varreg_learned.inference import register_learned
+from varreg_learned.inference import load_model, register_learned
+from varreg_learned.model import UNet, resolve_precision
 
 CKPT = Path(varreg_learned.__file__).parent / "checkpoints" / "vrnet2d_acdc.pt"
 
@@ -44,12 +46,37 @@ def test_register_unet_refines_with_the_chosen_denoiser():
     (dict(checkpoint=CKPT), "go with denoiser='unet'"),
     (dict(refine=2), "go with denoiser='unet'"),
     (dict(refine_denoiser="tgv"), "go with denoiser='unet'"),
+    (dict(precision="bfloat16"), "go with denoiser='unet'"),
+    (dict(denoiser="unet", checkpoint=CKPT, precision="float16"), "precision must be one of"),
     (dict(denoiser="unet", checkpoint=CKPT, refine=1, refine_denoiser="bm3d"), "refine_denoiser must be one of"),
 ])
 def test_register_unet_option_errors(kwargs, message):
     fixed, moving = _pair()
     with pytest.raises(ValueError, match=message):
         varreg.register(fixed, moving, **kwargs)
+
+
+def test_bfloat16_unets_match_float32():
+    """bfloat16 U-Nets (autocast) move the phantom's field by a few hundredths of a pixel
+    at most; the setting reaches the networks and is undone after the call."""
+    pair = demo_pair((96, 96))
+    res = {p: varreg.register(pair.fixed, pair.moving, denoiser="unet", checkpoint=CKPT, precision=p)
+           for p in ("float32", "bfloat16")}
+    a, b = (res[p].displacement for p in ("float32", "bfloat16"))
+    diff = np.abs(a - b)
+    assert 0 < diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    assert b.dtype == np.float32 and [res[p].info["precision"] for p in res] == ["float32", "bfloat16"]
+    model = load_model(CKPT)[0]
+    assert all(m.compute_dtype is None for m in model.modules() if isinstance(m, UNet))
+
+
+def test_resolve_precision():
+    assert resolve_precision("float32", "cpu") == "float32"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+    assert resolve_precision("auto", "cuda") == "float32"
+    assert resolve_precision("auto", "cpu") in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", "cpu")
 
 
 def test_register_unet_refuses_3d_with_a_2d_checkpoint():
@@ -78,7 +105,14 @@ def test_cli_register_slices_with_unet(tmp_path):
     r = CliRunner().invoke(main, base + [str(tmp_path / "o3"), "--refine", "1", "--refine-denoiser", "tgv"])
     assert r.exit_code == 0, r.output
     for extra, message in ((["--refine-denoiser", "tgv"], "give --refine N too"),
-                           (["--refine", "1", "--refine-denoiser", "bm3d"], "unknown denoiser 'bm3d'")):
+                           (["--refine", "1", "--refine-denoiser", "bm3d"], "unknown denoiser 'bm3d'"),
+                           (["--precision", "fp16"], "'fp16' is not one of")):
         r = CliRunner().invoke(main, base + [str(tmp_path / "o4"), *extra])
         assert r.exit_code == 2 and message in r.output, r.output
         assert not (tmp_path / "o4").exists()
+    # --precision runs with the network and names itself when given without it
+    r = CliRunner().invoke(main, base + [str(tmp_path / "o5"), "--precision", "float32"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--slices",
+                                  "--precision", "bfloat16", "-o", str(tmp_path / "o6")])
+    assert r.exit_code == 2 and "--precision: " in r.output and "go with --denoiser unet" in r.output, r.output

@@ -155,6 +155,7 @@ def _vrnet_methods(checkpoints, refine_warps):
             out.append(Unavailable(name, name, "learned", "no --checkpoint given (the package ships varreg_learned/checkpoints/vrnet2d_acdc.pt, 2-D)"))
         return out
     from varreg_learned.inference import load_model, register_learned
+    from varreg_learned.model import resolve_precision
     import torch
 
     for ck in checkpoints:
@@ -176,7 +177,8 @@ def _vrnet_methods(checkpoints, refine_warps):
                 return np.asarray(to_numpy(res.displacement), dtype=np.float32)
 
             cfg = (f"checkpoint {path} ({ndim}-D, {model.config.data_term}, {model.config.n_warps}x"
-                   f"{model.config.n_iters} cascades, {meta.get('steps', '?')} training steps)")
+                   f"{model.config.n_iters} cascades, {meta.get('steps', '?')} training steps; U-Nets in "
+                   f"{resolve_precision('auto', 'cpu')} on the CPU, precision='auto')")
             if refine:
                 cfg += (f", then {refine} warps of varreg.register(denoiser={denoiser!r}) at the finest level "
                         "(levels=1, initial=network)")

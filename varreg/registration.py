@@ -120,6 +120,7 @@ def register(
     checkpoint=None,
     refine=0,
     refine_denoiser="tv",
+    precision="auto",
 ):
     """Deformable registration of ``moving`` onto ``fixed`` (TV-L1 and its relatives).
 
@@ -156,6 +157,9 @@ def register(
     refine_denoiser : the classical denoiser of those warps (a name, as ``denoiser``):
         ``"tv"`` (default, fast) or ``"tgv"`` (on ACDC val: mean Dice 0.881 against
         0.877 with the shipped checkpoint, at about twice the time).
+    precision : with ``denoiser="unet"``: the U-Nets' arithmetic, ``"auto"`` (bfloat16
+        on CPUs that compute it in hardware, float32 elsewhere), ``"float32"`` or
+        ``"bfloat16"`` (``varreg_learned.model.resolve_precision``).
 
     Returns
     -------
@@ -177,9 +181,9 @@ def register(
     if isinstance(denoiser, str) and denoiser.lower() == "unet":
         if initial is not None:
             raise ValueError("denoiser='unet' computes its own initial displacement; initial= is not taken")
-        return _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise)
-    if checkpoint is not None or refine or refine_denoiser != "tv":
-        raise ValueError("checkpoint, refine and refine_denoiser go with denoiser='unet' (VR-Net); "
+        return _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise, precision)
+    if checkpoint is not None or refine or refine_denoiser != "tv" or precision != "auto":
+        raise ValueError("checkpoint, refine, refine_denoiser and precision go with denoiser='unet' (VR-Net); "
                          "the classical denoisers take none of them")
     t0 = time.perf_counter()
     fixed, moving = validate_pair(fixed, moving)
@@ -251,7 +255,7 @@ def register(
     return RegistrationResult(displacement=u, warped=warped, info=info)
 
 
-def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise):
+def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise, precision):
     """``denoiser="unet"``: VR-Net from a checkpoint, through ``varreg_learned``."""
     if checkpoint is None:
         raise ValueError("denoiser='unet' needs checkpoint=PATH (a VR-Net checkpoint, e.g. "
@@ -269,7 +273,8 @@ def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, n
     if not (isinstance(refine_denoiser, str) and refine_denoiser.lower() in DENOISERS):
         raise ValueError(f"refine_denoiser must be one of {sorted(DENOISERS)}, got {refine_denoiser!r}")
     opts = {"denoiser": refine_denoiser} if refine else {}
-    return register_learned(fixed, moving, checkpoint, refine=int(refine), device=tdev, normalise=normalise, **opts)
+    return register_learned(fixed, moving, checkpoint, refine=int(refine), device=tdev, normalise=normalise,
+                            precision=precision, **opts)
 
 
 def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None, progress=None, **options):

@@ -12,7 +12,7 @@ import varreg
 from varreg.registration import RegistrationResult, validate_pair
 
 from .checkpoint import load_checkpoint
-from .model import VRNet
+from .model import VRNet, resolve_precision, unet_precision
 
 __all__ = ["register_learned", "load_model"]
 
@@ -62,7 +62,7 @@ def load_model(checkpoint, *, ndim: int | None = None, device: str = "cpu") -> t
 
 
 def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str = "cpu", normalise: bool = True,
-                     **refine_options) -> RegistrationResult:
+                     precision: str = "auto", **refine_options) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a trained VR-Net.
 
     Parameters
@@ -74,6 +74,9 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
         0 for the network alone.
     device : torch device for the network (``"cpu"``, ``"cuda"``).
     normalise : scale the pair jointly to [0, 1] first (as in training and ``varreg.register``).
+    precision : ``"auto"`` (bfloat16 U-Nets on CPUs that compute it in hardware,
+        float32 elsewhere), ``"float32"`` or ``"bfloat16"``; see
+        :func:`varreg_learned.model.resolve_precision`. Warps and data steps stay float32.
     refine_options : further keywords for :func:`varreg.register` in the refinement
         (``theta``, ``lam``, ``iterations``, ``denoiser`` ...); the data term defaults to the network's.
 
@@ -88,6 +91,7 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
     moving = varreg.backend.to_numpy(moving)
     if not (isinstance(refine, (int, np.integer)) and refine >= 0):
         raise ValueError(f"refine must be a non-negative integer, got {refine!r}")
+    precision = resolve_precision(precision, device)
     model, meta, name = load_model(checkpoint, ndim=fixed.ndim, device=device)
     if normalise:
         f32, m32 = _normalise(fixed, moving)
@@ -96,7 +100,7 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unet_precision(model, precision):
             u = model(torch.from_numpy(np.ascontiguousarray(f32)).to(device)[None],
                        torch.from_numpy(np.ascontiguousarray(m32)).to(device)[None])[0]
     finally:
@@ -104,7 +108,7 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
     u = u.detach().cpu().numpy().astype(np.float32)
     t_net = time.perf_counter() - t0
     info = dict(method="vrnet", checkpoint=name, config=model.config.to_dict(), network_time_s=t_net, refine=int(refine),
-                checkpoint_steps=meta.get("steps"), device=device)
+                checkpoint_steps=meta.get("steps"), device=device, precision=precision)
     if refine > 0:
         opts = dict(data_term=model.config.data_term, normalise=normalise, device="cpu")
         opts.update(refine_options)
