@@ -172,17 +172,19 @@ def test_tv_dual_matches_generic(shape, coupled, alpha, spacing, n_iter, weight)
 
 
 @pytest.mark.parametrize("shape", [(19, 14), (1, 6), (6, 1), (6, 7, 5), (1, 4, 3), (3, 1, 4)])
-@pytest.mark.parametrize("spacing,ratio,beta,weight", [(None, 1.0, 2.0, 0.4), ("aniso", 2.0, 0.7, 1.5)])
-def test_tgv_steps_match_generic(shape, spacing, ratio, beta, weight):
+@pytest.mark.parametrize("spacing,ratio,beta,weight,dtype", [(None, 1.0, 2.0, 0.4, np.float32),
+                                                               ("aniso", 2.0, 0.7, 1.5, np.float32),
+                                                               ("aniso", 1.0, 2.0, 0.4, np.float64)])
+def test_tgv_steps_match_generic(shape, spacing, ratio, beta, weight, dtype):
     rng = np.random.default_rng(29)
     d = len(shape)
-    u = (rng.standard_normal((d, *shape)) * 1.5).astype(np.float32)
+    u = (rng.standard_normal((d, *shape)) * 1.5).astype(dtype)
     spacing = None if spacing is None else (1.0, 2.5, 0.7)[:d]
     h = spacing or (1.0,) * d
     step = 1.0 / np.sqrt(1.0 + 8.0 * sum(1.0 / s**2 for s in h))
     tau, sigma = step / ratio, step * ratio
     # a warm start with every variable non-zero, the duals partly outside their balls
-    start = {k: (rng.standard_normal(a.shape) * 0.5).astype(np.float32) for k, a in denoisers.tgv_initial_state(u, d).items()}
+    start = {k: (rng.standard_normal(a.shape) * 0.5).astype(dtype) for k, a in denoisers.tgv_initial_state(u, d).items()}
     ref = denoisers.tgv_steps(u, {k: a.copy() for k, a in start.items()}, weight, beta, tau, sigma, 6, h)
     got = {k: a.copy() for k, a in start.items()}
     kernels.tgv_steps(u, got, weight, beta, tau, sigma, 6, h)

@@ -348,7 +348,8 @@ def _tgv2(u, v, vb, w, wb, p, q, mu, beta, tau, sigma, n_iter, hy, hx):
     t_mu = tau / mu
     inv = one / (one + t_mu)
     binv = one / beta
-    hx0 = hx if W > 1 else zero
+    x0 = hx - hx  # zero in hx's type: the column stretches below must be tuples of one type
+    hx0 = hx if W > 1 else x0
     for it in range(n_iter):
         # dual ascent at the extrapolated primal (vb, wb), then projection
         for i in prange(H):
@@ -382,7 +383,7 @@ def _tgv2(u, v, vb, w, wb, p, q, mu, beta, tau, sigma, n_iter, hy, hx):
             by = hy if i > 0 else zero
             im = max(i - 1, 0)
             # first column, interior, last column: (start, stop, tx, bx, offset of j - 1)
-            bwd = ((0, 1, hx0, zero, 0), (1, W - 1, hx, hx, 1), (max(W - 1, 1), W, zero, hx, 1))
+            bwd = ((0, 1, hx0, x0, 0), (1, W - 1, hx, hx, 1), (max(W - 1, 1), W, x0, hx, 1))
             for c in range(d):
                 ur, vr, vbr = u[c, i], v[c, i], vb[c, i]
                 pr0, pm0, pr1 = p[c, 0, i], p[c, 0, im], p[c, 1, i]
