@@ -130,7 +130,7 @@ def solver_options(f):
                           "the time), or another of {denoisers}."),
         click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
                      help="With --denoiser unet: arithmetic of the U-Nets. auto (default): bfloat16 on CPUs "
-                          "that compute it in hardware (about 1.4x faster, same Dice on ACDC), else float32."),
+                          "that compute it in hardware (about 1.3x faster, same Dice on ACDC), else float32."),
         click.option("--theta", type=_pos_float, default=None, metavar="X",
                      help="Splitting penalty θ (intensities scaled to [0, 1]). Default: {theta} (varreg.DEFAULTS)."),
         click.option("--lam", type=_pos_float, default=None, metavar="X",

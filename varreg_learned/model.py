@@ -238,7 +238,7 @@ def resolve_precision(precision: str, device) -> str:
     """``"float32"`` or ``"bfloat16"`` for ``precision`` in :data:`PRECISIONS` on a torch ``device``.
 
     ``"auto"`` takes bfloat16 on CPUs that compute it in hardware (the U-Nets run
-    1.4x faster there; on ACDC val the mean Dice was equal to 4 decimals,
+    1.3x faster there; on ACDC val the mean Dice was equal to 4 decimals,
     docs/vrnet.md) and float32 elsewhere: emulated bfloat16 is slower, and on a
     GPU the network is not the bottleneck.
     """
