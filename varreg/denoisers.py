@@ -305,6 +305,13 @@ class Quadratic:
             return x - weight * laplacian(x, ndim, h)
 
         x = self._v if (self._v is not None and tuple(self._v.shape) == tuple(u.shape) and namespace(self._v) is xp) else u
+        if is_numpy(xp) and isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not hasattr(weight, "shape"):
+            from . import kernels
+
+            u = np.ascontiguousarray(u)
+            x = np.array(x, dtype=u.dtype, order="C", copy=True if x is u else None)  # updated in place
+            self._v = kernels.quadratic_cg(u, x, float(weight), self.n_iter, h, self.tol)
+            return self._v.copy()
         r = u - apply(x)
         d = r
         rr = xp.sum(r * r)
