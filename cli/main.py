@@ -126,8 +126,8 @@ def solver_options(f):
         click.option("--refine", type=click.IntRange(min=0), default=None, metavar="N",
                      help="With --denoiser unet: N further warps of the classical solver after the network. Default: 0."),
         click.option("--refine-denoiser", metavar="NAME", default=None,
-                     help="Denoiser of the --refine warps: tv (default, fast) or tgv (more accurate, about twice "
-                          "the time), or another of {denoisers}."),
+                     help="Denoiser of the --refine warps: quadratic (default: after the network the correction "
+                          "is smooth; best Dice on ACDC), tgv, tv, or another of {denoisers}."),
         click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
                      help="With --denoiser unet: arithmetic of the U-Nets. auto (default): bfloat16 on CPUs "
                           "that compute it in hardware (about 1.3x faster, same Dice on ACDC), else float32."),

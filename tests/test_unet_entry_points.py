@@ -36,8 +36,12 @@ def test_register_unet_refines_with_the_chosen_denoiser():
     ref = register_learned(fixed, moving, CKPT, refine=2, denoiser="tgv")
     np.testing.assert_allclose(res.displacement, ref.displacement, atol=1e-5)
     assert res.info["refine_options"]["denoiser"] == "tgv"
-    tv = varreg.register(fixed, moving, denoiser="unet", checkpoint=CKPT, refine=2).displacement
-    assert np.abs(tv - res.displacement).max() > 1e-4  # the choice reaches the warps
+    default = varreg.register(fixed, moving, denoiser="unet", checkpoint=CKPT, refine=2)
+    assert default.info["refine_options"]["denoiser"] == "quadratic"
+    assert np.abs(default.displacement - res.displacement).max() > 1e-4  # the choice reaches the warps
+    # register_learned's refinement takes the same default
+    ref = register_learned(fixed, moving, CKPT, refine=2)
+    np.testing.assert_allclose(default.displacement, ref.displacement, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -146,9 +146,13 @@ def _varreg_slices_method():
 
 # --------------------------------------------------------------------------- VR-Net
 def _vrnet_methods(checkpoints, refine_warps):
-    """``vrnet``, ``vrnet+refine`` (TV warps) and ``vrnet+refine-tgv`` (TGV warps) per checkpoint
+    """``vrnet``, ``vrnet+refine`` (warps with the default refinement denoiser, quadratic) and
+    ``vrnet+refine-tgv`` (TGV warps) per checkpoint
     (named ``vrnet[stem]`` ... when there are several)."""
-    variants = (("vrnet", 0, None), ("vrnet+refine", refine_warps, "tv"), ("vrnet+refine-tgv", refine_warps, "tgv"))
+    from .registration import DEFAULT_REFINE_DENOISER
+
+    variants = (("vrnet", 0, None), ("vrnet+refine", refine_warps, DEFAULT_REFINE_DENOISER),
+                ("vrnet+refine-tgv", refine_warps, "tgv"))
     out = []
     if not checkpoints:
         for name, _, _ in variants:
@@ -182,7 +186,8 @@ def _vrnet_methods(checkpoints, refine_warps):
             if refine:
                 cfg += (f", then {refine} warps of varreg.register(denoiser={denoiser!r}) at the finest level "
                         "(levels=1, initial=network)")
-            label = ("VR-Net" if refine == 0 else f"VR-Net + {refine} classical {denoiser.upper()} warps") + tag
+            den_name = {"tv": "TV", "tgv": "TGV"}.get(denoiser, denoiser)
+            label = ("VR-Net" if refine == 0 else f"VR-Net + {refine} classical {den_name} warps") + tag
             out.append(Method(f"{base}{tag}", label, "learned", run, (ndim,), ("cpu", "gpu") if cuda else ("cpu",),
                               cfg, bool(refine)))
     return out

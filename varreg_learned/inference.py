@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import varreg
-from varreg.registration import RegistrationResult, validate_pair
+from varreg.registration import DEFAULT_REFINE_DENOISER, RegistrationResult, validate_pair
 
 from .checkpoint import load_checkpoint
 from .model import VRNet, resolve_precision, unet_precision
@@ -78,7 +78,8 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
         float32 elsewhere), ``"float32"`` or ``"bfloat16"``; see
         :func:`varreg_learned.model.resolve_precision`. Warps and data steps stay float32.
     refine_options : further keywords for :func:`varreg.register` in the refinement
-        (``theta``, ``lam``, ``iterations``, ``denoiser`` ...); the data term defaults to the network's.
+        (``theta``, ``lam``, ``iterations``, ``denoiser`` ...); the data term defaults to the network's,
+        the denoiser to ``varreg.registration.DEFAULT_REFINE_DENOISER``.
 
     Returns
     -------
@@ -110,7 +111,8 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
     info = dict(method="vrnet", checkpoint=name, config=model.config.to_dict(), network_time_s=t_net, refine=int(refine),
                 checkpoint_steps=meta.get("steps"), device=device, precision=precision)
     if refine > 0:
-        opts = dict(data_term=model.config.data_term, normalise=normalise, device="cpu")
+        opts = dict(data_term=model.config.data_term, denoiser=DEFAULT_REFINE_DENOISER, normalise=normalise,
+                    device="cpu")
         opts.update(refine_options)
         n_threads = torch.get_num_threads()
         try:
