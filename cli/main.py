@@ -124,10 +124,12 @@ def solver_options(f):
                      help="VR-Net checkpoint for --denoiser unet (the package ships "
                           "varreg_learned/checkpoints/vrnet2d_acdc.pt, 2-D, for --slices or 2-D images)."),
         click.option("--refine", type=click.IntRange(min=0), default=None, metavar="N",
-                     help="With --denoiser unet: N further warps of the classical solver after the network. Default: 0."),
+                     help="N further warps at the finest level after the solve (classical pyramid or VR-Net) "
+                          "with --refine-denoiser; ACDC val, N=5: L1-TV 0.845 -> 0.852, VR-Net 0.873 -> 0.882. "
+                          "Default: 0."),
         click.option("--refine-denoiser", metavar="NAME", default=None,
-                     help="Denoiser of the --refine warps: quadratic (default: after the network the correction "
-                          "is smooth; best Dice on ACDC), tgv, tv, or another of {denoisers}."),
+                     help="Denoiser of the --refine warps: quadratic (default: the remaining correction is "
+                          "smooth; best Dice on ACDC), tgv, tv, or another of {denoisers}."),
         click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
                      help="With --denoiser unet: arithmetic of the U-Nets. auto (default): bfloat16 on CPUs "
                           "that compute it in hardware (about 1.3x faster, same Dice on ACDC), else float32."),

@@ -325,11 +325,10 @@ def check_solver_options(solver: dict) -> None:
     if unet and ckpt is None:
         raise InputError("--denoiser", "unet (VR-Net) needs --ckpt PATH")
     if not unet:
-        given = [opt for opt, key in (("--ckpt", "checkpoint"), ("--refine", "refine"),
-                                      ("--refine-denoiser", "refine_denoiser"), ("--precision", "precision"))
-                 if solver.get(key) not in (None, 0)]
+        given = [opt for opt, key in (("--ckpt", "checkpoint"), ("--precision", "precision"))
+                 if solver.get(key) is not None]
         if given:
-            raise InputError(given[0], "--ckpt, --refine, --refine-denoiser and --precision go with --denoiser unet")
+            raise InputError(given[0], "--ckpt and --precision go with --denoiser unet")
     rd = solver.get("refine_denoiser")
     if rd is not None and rd.lower() not in DENOISERS:
         raise InputError("--refine-denoiser", f"unknown denoiser {rd!r}; choose one of {', '.join(DENOISERS)}")

@@ -157,8 +157,13 @@ def register(
     checkpoint : with ``denoiser="unet"``: the VR-Net checkpoint to run (needs the
         ``learned`` extra); the network replaces the classical schedule, and the
         schedule options and ``spacing`` do not apply (it was trained in pixels).
-    refine : with ``denoiser="unet"``: further warps of the classical solver on
-        the network's displacement (same engine, ``varreg_learned.register_learned``).
+    refine : further Gauss-Newton warps at the finest level after the main solve, with
+        ``refine_denoiser`` (same data term, theta, lam and iterations), from the
+        classical pyramid's displacement or VR-Net's (``varreg_learned.register_learned``);
+        0 (default) for none. 5 warps on ACDC val: classical L1-TV 0.845 -> 0.852 mean
+        Dice (train split 0.866 -> 0.875), VR-Net 0.873 -> 0.882; synthetic 3-D pair of
+        the benchmark: end-point error 0.247 -> 0.208 voxels; but the 2-D sinusoidal
+        test pair (tests/test_engine.py) goes from 0.05 to 0.11 px: check on your data.
     refine_denoiser : the classical denoiser of those warps (a name, as ``denoiser``):
         ``"quadratic"`` (default, :data:`DEFAULT_REFINE_DENOISER`; on ACDC val with the
         shipped checkpoint and 5 warps mean Dice 0.882 in about 47 ms a pair), ``"tgv"``
@@ -188,9 +193,10 @@ def register(
         if initial is not None:
             raise ValueError("denoiser='unet' computes its own initial displacement; initial= is not taken")
         return _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise, precision)
-    if checkpoint is not None or refine or refine_denoiser != DEFAULT_REFINE_DENOISER or precision != "auto":
-        raise ValueError("checkpoint, refine, refine_denoiser and precision go with denoiser='unet' (VR-Net); "
-                         "the classical denoisers take none of them")
+    if checkpoint is not None or precision != "auto":
+        raise ValueError("checkpoint and precision go with denoiser='unet' (VR-Net); "
+                         "the classical denoisers take neither")
+    _check_refine(refine, refine_denoiser)
     t0 = time.perf_counter()
     fixed, moving = validate_pair(fixed, moving)
     ndim = fixed.ndim
@@ -247,6 +253,12 @@ def register(
                      n_warps=warps, n_iters=iterations, ndim=ndim)
 
     u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=scale, u0=u0)
+    if refine:
+        # further warps at the finest level with the refinement denoiser (as after VR-Net)
+        key = refine_denoiser.lower()
+        rden = make_denoiser(key, spacing=rel_spacing, n_iter=DENOISER_ITERATIONS.get(key, defaults["denoiser_iterations"]))
+        u = solve(f32, m32, u, data_term=dterm, denoiser=rden, theta=theta, lam=lam, n_warps=int(refine),
+                  n_iters=iterations, ndim=ndim)
     moving_f = moving_d if moving_d.dtype.kind == "f" else xp.astype(moving_d, xp.float32)
     warped = _warp(moving_f, u)
     info = dict(
@@ -254,11 +266,19 @@ def register(
         denoiser=denoiser if isinstance(denoiser, str) else getattr(denoiser, "__name__", type(denoiser).__name__),
         theta=theta, lam=lam, warps=warps, iterations=iterations, denoiser_iterations=den_iters,
         scale=scale, levels=len(shapes), shapes=shapes, spacing=spacing, device=dev,
+        refine=int(refine), refine_denoiser=refine_denoiser if refine else None,
         time_s=time.perf_counter() - t0,
     )
     if host_input:
         u, warped = backend.to_numpy(u), backend.to_numpy(warped)
     return RegistrationResult(displacement=u, warped=warped, info=info)
+
+
+def _check_refine(refine, refine_denoiser):
+    if not (isinstance(refine, (int, np.integer)) and not isinstance(refine, bool) and refine >= 0):
+        raise ValueError(f"refine must be a non-negative integer (further warps), got {refine!r}")
+    if not (isinstance(refine_denoiser, str) and refine_denoiser.lower() in DENOISERS):
+        raise ValueError(f"refine_denoiser must be one of {sorted(DENOISERS)}, got {refine_denoiser!r}")
 
 
 def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise, precision):
@@ -276,8 +296,7 @@ def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, n
     if device == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("device='gpu' was asked for but torch sees no CUDA device. Use device='cpu' or 'auto'.")
     tdev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    if not (isinstance(refine_denoiser, str) and refine_denoiser.lower() in DENOISERS):
-        raise ValueError(f"refine_denoiser must be one of {sorted(DENOISERS)}, got {refine_denoiser!r}")
+    _check_refine(refine, refine_denoiser)
     opts = {"denoiser": refine_denoiser} if refine else {}
     return register_learned(fixed, moving, checkpoint, refine=int(refine), device=tdev, normalise=normalise,
                             precision=precision, **opts)
