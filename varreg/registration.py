@@ -29,8 +29,8 @@ DEFAULTS = {
 DENOISER_ITERATIONS = {"tgv": 5}
 DEFAULT_SCALE = 0.6
 DEFAULT_MIN_SIZE = 16
-#: Denoiser of the classical warps after VR-Net (``refine``). After the network the
-#: remaining correction is small and smooth: with the shipped checkpoint and 5 warps,
+#: Denoiser of the refinement warps (``refine``, after the classical pyramid or VR-Net).
+#: After the network the remaining correction is small and smooth: with the shipped checkpoint and 5 warps,
 #: mean Dice on the ACDC train split (every 4th patient) quadratic 0.893, TGV 0.892,
 #: TV 0.886; on val 0.882 / 0.881 / 0.877, quadratic with the fewest folds (docs/vrnet.md).
 DEFAULT_REFINE_DENOISER = "quadratic"
@@ -166,7 +166,7 @@ def register(
         test pair (tests/test_engine.py) goes from 0.05 to 0.11 px: check on your data.
     refine_denoiser : the classical denoiser of those warps (a name, as ``denoiser``):
         ``"quadratic"`` (default, :data:`DEFAULT_REFINE_DENOISER`; on ACDC val with the
-        shipped checkpoint and 5 warps mean Dice 0.882 in about 47 ms a pair), ``"tgv"``
+        shipped checkpoint and 5 warps mean Dice 0.882 in 38-47 ms a pair), ``"tgv"``
         (0.881, slower) or ``"tv"`` (0.877).
     precision : with ``denoiser="unet"``: the U-Nets' arithmetic, ``"auto"`` (bfloat16
         on CPUs that compute it in hardware, float32 elsewhere), ``"float32"`` or
