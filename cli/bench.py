@@ -98,7 +98,8 @@ def _command_line() -> str | None:
               help="A trained VR-Net checkpoint (repeatable): adds vrnet, vrnet+refine and vrnet+refine-tgv (used in the suites of "
                    "its dimension). Without it those methods are skipped with a note.")
 @click.option("--refine-warps", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
-              help="Classical warps at the finest level after the network in vrnet+refine (TV) and vrnet+refine-tgv (TGV).")
+              help="Classical warps at the finest level after the network in vrnet+refine (the default refinement "
+                   "denoiser, quadratic) and vrnet+refine-tgv (TGV).")
 @click.option("--gpu/--no-gpu", default=None,
               help="Also time GPU-capable methods on a GPU (Table VI's GPU columns). Default: when one is usable.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",

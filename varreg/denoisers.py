@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from array_api_compat import device as array_device
 
-from .backend import is_numpy, namespace
+from .backend import namespace
 from .differences import _take, divergence, forward_difference, laplacian
 
 __all__ = ["TV", "Huber", "TGV", "Quadratic", "DENOISERS", "make_denoiser"]
@@ -45,6 +45,11 @@ def _as_float(weight):
     if isinstance(weight, (np.generic, np.ndarray)) and np.ndim(weight) == 0:
         return float(weight)
     return weight
+
+
+def _fused(u, ndim: int, weight) -> bool:
+    """Whether the numba kernels take this call: a NumPy field ``(d, *spatial)`` and a scalar weight."""
+    return isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not hasattr(weight, "shape")
 
 
 class TV:
@@ -91,7 +96,7 @@ class TV:
         if self._p is None or tuple(self._p.shape) != shape or namespace(self._p) is not xp:
             self._p = xp.zeros(shape, dtype=u.dtype, device=array_device(u))
         tau = self._tau(ndim, spacing)
-        if is_numpy(xp) and isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not hasattr(weight, "shape"):
+        if _fused(u, ndim, weight):
             from . import kernels
 
             return kernels.tv_dual(np.ascontiguousarray(u), self._p, float(weight), tau, self.alpha, self.n_iter, spacing, self.coupled)
@@ -184,7 +189,7 @@ class TGV:
         ndim = _spatial_ndim(u)
         h = self.spacing or (1.0,) * ndim
         xp = namespace(u)
-        fused = is_numpy(xp) and isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not hasattr(weight, "shape")
+        fused = _fused(u, ndim, weight)
         if fused:
             u = np.ascontiguousarray(u)
         st = self._state
@@ -300,18 +305,20 @@ class Quadratic:
         ndim = _spatial_ndim(u)
         xp = namespace(u)
         h = self.spacing or (1.0,) * ndim
+        warm = self._v is not None and tuple(self._v.shape) == tuple(u.shape) and namespace(self._v) is xp
+        if _fused(u, ndim, weight):
+            from . import kernels
+
+            u = np.ascontiguousarray(u)
+            # the kernel updates its start in place: our own state, or a copy of the input
+            x = np.array(self._v, dtype=u.dtype, order="C", copy=None) if warm else u.copy()
+            self._v = kernels.quadratic_cg(u, x, float(weight), self.n_iter, h, self.tol)
+            return self._v.copy()
 
         def apply(x):
             return x - weight * laplacian(x, ndim, h)
 
-        x = self._v if (self._v is not None and tuple(self._v.shape) == tuple(u.shape) and namespace(self._v) is xp) else u
-        if is_numpy(xp) and isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not hasattr(weight, "shape"):
-            from . import kernels
-
-            u = np.ascontiguousarray(u)
-            x = np.array(x, dtype=u.dtype, order="C", copy=True if x is u else None)  # updated in place
-            self._v = kernels.quadratic_cg(u, x, float(weight), self.n_iter, h, self.tol)
-            return self._v.copy()
+        x = self._v if warm else u
         r = u - apply(x)
         d = r
         rr = xp.sum(r * r)

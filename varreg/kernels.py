@@ -563,16 +563,15 @@ def _helmholtz(x, out, w, cz, cy, cx, partial):
         partial[n] = acc
 
 
+# The point-wise passes of the CG see the fields as (rows, W): no neighbours needed.
 @njit(**_opts)
 def _cg_start(u, ad, r, dv, partial, partial_u):
     """``r = dv = u - ad``; ``partial[n]``, ``partial_u[n]``: row n's ``sum(r * r)``, ``sum(u * u)``."""
-    d, D, H, W = u.shape
-    for n in prange(d * D * H):
-        c, k, i = n // (D * H), (n // H) % D, n % H
-        ur, ar, rr, dr = u[c, k, i], ad[c, k, i], r[c, k, i], dv[c, k, i]
+    for n in prange(u.shape[0]):
+        ur, ar, rr, dr = u[n], ad[n], r[n], dv[n]
         acc = 0.0
         acc_u = 0.0
-        for j in range(W):
+        for j in range(u.shape[1]):
             e = ur[j] - ar[j]
             rr[j] = e
             dr[j] = e
@@ -585,12 +584,10 @@ def _cg_start(u, ad, r, dv, partial, partial_u):
 @njit(**_opts)
 def _cg_update(x, r, dv, ad, alpha, partial):
     """``x += alpha dv``, ``r -= alpha ad``; ``partial[n]`` = row n's ``sum(r * r)``."""
-    d, D, H, W = x.shape
-    for n in prange(d * D * H):
-        c, k, i = n // (D * H), (n // H) % D, n % H
-        xr, rr, dr, ar = x[c, k, i], r[c, k, i], dv[c, k, i], ad[c, k, i]
+    for n in prange(x.shape[0]):
+        xr, rr, dr, ar = x[n], r[n], dv[n], ad[n]
         acc = 0.0
-        for j in range(W):
+        for j in range(x.shape[1]):
             xr[j] += alpha * dr[j]
             rr[j] -= alpha * ar[j]
             acc += rr[j] * rr[j]
@@ -600,11 +597,9 @@ def _cg_update(x, r, dv, ad, alpha, partial):
 @njit(**_opts)
 def _cg_direction(dv, r, beta):
     """``dv = r + beta dv``."""
-    d, D, H, W = dv.shape
-    for n in prange(d * D * H):
-        c, k, i = n // (D * H), (n // H) % D, n % H
-        dr, rr = dv[c, k, i], r[c, k, i]
-        for j in range(W):
+    for n in prange(dv.shape[0]):
+        dr, rr = dv[n], r[n]
+        for j in range(dv.shape[1]):
             dr[j] = rr[j] + beta * dr[j]
 
 
@@ -630,10 +625,11 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
     cz, cy, cx = ([f(0.0)] + c) if nd == 2 else c
     ad, r, dv = np.empty_like(u4), np.empty_like(u4), np.empty_like(u4)
     rows = shape4[0] * shape4[1] * shape4[2]
+    flat = lambda a: a.reshape(rows, shape4[3])  # noqa: E731  (rows, W) views for the point-wise passes
     partial, partial_u = np.empty(rows, np.float64), np.empty(rows, np.float64)
     nvox = u[0].size
     _run(_helmholtz, nvox, x4, ad, f(weight), cz, cy, cx, partial)
-    _run(_cg_start, nvox, u4, ad, r, dv, partial, partial_u)
+    _run(_cg_start, nvox, flat(u4), flat(ad), flat(r), flat(dv), partial, partial_u)
     rr = partial.sum()
     stop = tol**2 * partial_u.sum() + 1e-30
     for _ in range(int(n_iter)):
@@ -641,9 +637,9 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
             break
         _run(_helmholtz, nvox, dv, ad, f(weight), cz, cy, cx, partial)
         alpha = rr / partial.sum()
-        _run(_cg_update, nvox, x4, r, dv, ad, f(alpha), partial)
+        _run(_cg_update, nvox, flat(x4), flat(r), flat(dv), flat(ad), f(alpha), partial)
         rr_new = partial.sum()
-        _run(_cg_direction, nvox, dv, r, f(rr_new / rr))
+        _run(_cg_direction, nvox, flat(dv), flat(r), f(rr_new / rr))
         rr = rr_new
     return x
 

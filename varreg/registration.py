@@ -206,11 +206,7 @@ def register(
     lam = defaults["lam"] if lam is None else lam
     warps = defaults["warps"] if warps is None else warps
     iterations = defaults["iterations"] if iterations is None else iterations
-    if denoiser_iterations is None:
-        key = denoiser.lower() if isinstance(denoiser, str) else None
-        den_iters = DENOISER_ITERATIONS.get(key, defaults["denoiser_iterations"])
-    else:
-        den_iters = denoiser_iterations
+    den_iters = _denoiser_steps(denoiser, defaults) if denoiser_iterations is None else denoiser_iterations
     for name, val in (("theta", theta), ("lam", lam)):
         if not (np.isscalar(val) and np.isfinite(val) and val > 0):
             raise ValueError(f"{name} must be a positive finite number, got {val!r}")
@@ -255,8 +251,7 @@ def register(
     u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=scale, u0=u0)
     if refine:
         # further warps at the finest level with the refinement denoiser (as after VR-Net)
-        key = refine_denoiser.lower()
-        rden = make_denoiser(key, spacing=rel_spacing, n_iter=DENOISER_ITERATIONS.get(key, defaults["denoiser_iterations"]))
+        rden = make_denoiser(refine_denoiser, spacing=rel_spacing, n_iter=_denoiser_steps(refine_denoiser, defaults))
         u = solve(f32, m32, u, data_term=dterm, denoiser=rden, theta=theta, lam=lam, n_warps=int(refine),
                   n_iters=iterations, ndim=ndim)
     moving_f = moving_d if moving_d.dtype.kind == "f" else xp.astype(moving_d, xp.float32)
@@ -272,6 +267,12 @@ def register(
     if host_input:
         u, warped = backend.to_numpy(u), backend.to_numpy(warped)
     return RegistrationResult(displacement=u, warped=warped, info=info)
+
+
+def _denoiser_steps(denoiser, defaults) -> int:
+    """Inner steps per call of a built-in denoiser by default (:data:`DENOISER_ITERATIONS`, else the data term's)."""
+    key = denoiser.lower() if isinstance(denoiser, str) else None
+    return DENOISER_ITERATIONS.get(key, defaults["denoiser_iterations"])
 
 
 def _check_refine(refine, refine_denoiser):
