@@ -1,7 +1,7 @@
 """One engine, several array backends: array_api_strict and torch agree with NumPy (numba).
 
-``engine.solve`` is run on one pyramid level (the pyramid's resize and
-smoothing are backend-specific by design); the warp of every backend follows
+``engine.solve`` is run on one pyramid level (the pyramid's smoothing is
+backend-specific by design); the warp of every backend follows
 one convention (pull-back, linear, border replicated; order 0 rounds half up).
 """
 import array_api_strict as xs
@@ -142,9 +142,30 @@ def test_resize_displacement_of_a_linear_field_is_exact(old, new):
     assert resample.resize_displacement(u, old, ndim) is u
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,new", [((37, 23), (20, 41)), ((2, 31, 17), (50, 9)), ((3, 9, 12, 7), (17, 6, 13)),
+                                       ((6, 5), (6, 11))])
+def test_resize_equals_scipy_zoom_of_order_one_and_runs_on_array_api_strict(shape, new, dtype):
+    """The separable resize is scipy.ndimage.zoom(order=1, grid_mode=False) (corners aligned) on any
+    leading axes, keeps the dtype, and is array-API clean."""
+    from scipy import ndimage
+
+    ndim = len(new)
+    x = np.random.default_rng(len(shape)).standard_normal(shape).astype(dtype)
+    lead = x.ndim - ndim
+    zoom = [1.0] * lead + [n / o for n, o in zip(new, shape[lead:])]
+    want = ndimage.zoom(x, zoom, order=1, mode="nearest", grid_mode=False, prefilter=False)
+    got = resample.resize(x, new, ndim)
+    assert got.shape == want.shape and got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
+    got_s = resample.resize(xs.asarray(x), new, ndim)
+    assert backend.namespace(got_s) is xs
+    np.testing.assert_allclose(np.asarray(got_s), want, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
 def test_coarse_to_fine_single_level_runs_on_array_api_strict():
     """The pyramid driver itself is array-API clean (zeros with the input's device); with one level it
-    needs no resize or smoothing, which stay NumPy/CuPy/torch only."""
+    needs no smoothing, which stays NumPy/CuPy/torch only."""
     from varreg.pyramid import coarse_to_fine
 
     f, m, _ = _pair((24, 20))
