@@ -54,25 +54,22 @@ def methods(which):
     return {k: v for k, v in table.items() if which is None or k in which}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT)
-    ap.add_argument("--split", default="val", choices=sorted(acdc.SPLITS))
-    ap.add_argument("--quick", action="store_true", help="every 4th patient")
-    ap.add_argument("--methods", nargs="*", default=None)
-    args = ap.parse_args(argv)
-
-    compile_s, cached_s = numba_startup_seconds()
-    ids = acdc.patients(args.data, args.split)[:: 4 if args.quick else 1]
+def load_pairs(data, split, every=1):
+    """(patient, slice, fixed, moving, fixed labels, moving labels) of the 2-D protocol; every ``every``-th patient."""
+    ids = acdc.patients(data, split)[::every]
     pairs = []
     for pid in ids:
-        case = acdc.load_case(args.data, pid)
+        case = acdc.load_case(data, pid)
         pairs += [(pid, z, f, m, fl, ml) for z, f, m, fl, ml in acdc.slice_pairs(case)]
-    meths = methods(args.methods)
+    return ids, pairs
+
+
+def evaluate(pairs, meths, desc):
+    """Run every method on every pair, interleaved pair by pair after one warm-up call each; the per-pair rows."""
     for fn in meths.values():  # warm-up: numba kernels, imports
         fn(pairs[0][2], pairs[0][3])
     rows = {k: dict(dice=[], hd=[], hd95=[], fold=[], jgrad=[], t=[]) for k in meths}
-    for pid, z, f, m, fl, ml in tqdm(pairs, desc=f"ACDC {args.split} 2D", unit="pair"):
+    for pid, z, f, m, fl, ml in tqdm(pairs, desc=desc, unit="pair"):
         for name, fn in meths.items():
             t0 = time.perf_counter()
             u = fn(f, m)
@@ -84,24 +81,42 @@ def main(argv=None):
             rows[name]["hd95"].append([lm["hd95"][k] for k in acdc.LABELS])
             rows[name]["fold"].append(metrics.folding_fraction(u))
             rows[name]["jgrad"].append(metrics.jacobian_gradient_magnitude(u))
+    return rows
 
-    ref = np.mean(rows["skimage tvl1 (default)"]["t"]) if "skimage tvl1 (default)" in rows else None
-    print(f"\nACDC {args.split} split, 2D protocol: {len(pairs)} slice pairs from {len(ids)} patients "
-          f"(distances in pixels: the data's affine is the identity)")
+
+def print_table(rows, ref=None):
+    """One markdown row per method; ``ref``: the method whose mean time the last column divides."""
+    ref_t = np.mean(rows[ref]["t"]) if ref in rows else None
     hdr = ("| method | Dice RV | Dice Myo | Dice LV | Dice mean | HD mean | HD95 mean | structures lost | "
-           "det<=0 % | mean abs grad det | ms / pair | time vs skimage |")
+           "det<=0 % | mean abs grad det | ms / pair | time vs " + (ref or "-") + " |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for name, r in rows.items():
         d = np.asarray(r["dice"])
         t = np.mean(r["t"])
-        ratio = f"1/{ref / t:.1f}" if ref and t > 0 and name != "unregistered" else "-"
+        ratio = f"1/{ref_t / t:.1f}" if ref_t and t > 0 and name != "unregistered" else "-"
         hd, hd95 = np.asarray(r["hd"]), np.asarray(r["hd95"])
         lost = int((~np.isfinite(hd)).sum())  # a structure warped away entirely: HD undefined
         print(f"| {name} | {d[:, 0].mean():.4f} | {d[:, 1].mean():.4f} | {d[:, 2].mean():.4f} | "
               f"**{d.mean():.4f}** ± {d.mean(1).std():.3f} | {hd[np.isfinite(hd)].mean():.2f} | "
               f"{hd95[np.isfinite(hd95)].mean():.2f} | {lost} | "
               f"{100 * np.mean(r['fold']):.3f} | {np.mean(r['jgrad']):.4f} | {1000 * t:.1f} | {ratio} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT)
+    ap.add_argument("--split", default="val", choices=sorted(acdc.SPLITS))
+    ap.add_argument("--quick", action="store_true", help="every 4th patient")
+    ap.add_argument("--methods", nargs="*", default=None)
+    args = ap.parse_args(argv)
+
+    compile_s, cached_s = numba_startup_seconds()
+    ids, pairs = load_pairs(args.data, args.split, 4 if args.quick else 1)
+    rows = evaluate(pairs, methods(args.methods), f"ACDC {args.split} 2D")
+    print(f"\nACDC {args.split} split, 2D protocol: {len(pairs)} slice pairs from {len(ids)} patients "
+          f"(distances in pixels: the data's affine is the identity)")
+    print_table(rows, "skimage tvl1 (default)")
     print(f"\nnumba kernels: {compile_s:.1f} s to compile from scratch, {cached_s:.2f} s to load from the on-disk cache "
           "(once per process, excluded from the per-pair times)")
     print(f"defaults: {varreg.DEFAULTS['l1']}; HD columns average the finite values, "

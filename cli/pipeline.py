@@ -21,7 +21,7 @@ from . import progress
 
 SOLVER_KEYS = ("data_term", "denoiser", "theta", "lam", "warps", "iterations", "denoiser_iterations",
                "levels", "scale", "min_size", "normalise", "device", "checkpoint", "refine", "refine_denoiser",
-               "precision")
+               "refine_lam", "precision")
 
 
 def echo(msg: str, quiet: bool) -> None:
@@ -332,8 +332,13 @@ def check_solver_options(solver: dict) -> None:
     rd = solver.get("refine_denoiser")
     if rd is not None and rd.lower() not in DENOISERS:
         raise InputError("--refine-denoiser", f"unknown denoiser {rd!r}; choose one of {', '.join(DENOISERS)}")
-    if rd is not None and not solver.get("refine"):
-        raise InputError("--refine-denoiser", "it sets the denoiser of the --refine warps: give --refine N too")
+    refine = solver.get("refine")
+    if unet and isinstance(refine, tuple):
+        raise InputError("--refine", "after VR-Net it takes one count N (warps at full resolution)")
+    no_refine = refine == 0 or (refine is None and unet)  # VR-Net refines only when asked
+    for opt, key in (("--refine-denoiser", "refine_denoiser"), ("--refine-lam", "refine_lam")):
+        if solver.get(key) is not None and no_refine:
+            raise InputError(opt, "it sets the --refine warps, and there are none: give --refine N too")
     if ckpt is not None and not os.path.isfile(ckpt):
         raise InputError(ckpt, "checkpoint file not found")
 

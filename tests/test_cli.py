@@ -98,8 +98,11 @@ def test_register_help_shows_the_api_defaults():
 
     R = importlib.import_module("varreg.registration")
     text = " ".join(run("register", "--help").stdout.split())
-    for key in ("theta", "lam", "warps", "iterations", "denoiser_iterations"):
-        expected = ", ".join(f"{v[key]} for {dt}" for dt, v in R.DEFAULTS.items())
+    def show(v):  # per-level schedules are written as on the command line
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    for key in ("theta", "lam", "warps", "iterations", "denoiser_iterations", "refine", "refine_lam"):
+        expected = ", ".join(f"{show(v[key])} for {dt}" for dt, v in R.DEFAULTS.items())
         assert expected in text, key
     assert f"Default: {R.DEFAULT_SCALE}" in text and f"Default: {R.DEFAULT_MIN_SIZE}" in text
     for word in ("mm", "--slices", "--resample", "--frame", "--force", "--quiet", "--device", "--qc"):
@@ -125,6 +128,30 @@ def test_options_reach_the_api_and_unset_ones_stay_api_defaults(tmp_path, monkey
     for unset in ("theta", "iterations", "denoiser_iterations", "levels", "scale", "min_size", "normalise"):
         assert unset not in kw  # the API applies its own (per-data-term) default
     assert kw["spacing"] == pytest.approx((1.5, 1.2))  # anisotropic voxel sizes from the affine
+
+
+def test_per_level_schedules_reach_the_api_as_tuples(tmp_path, monkeypatch):
+    calls = []
+    real = varreg.register
+
+    def spy(fixed, moving, **kw):
+        calls.append(kw)
+        return real(fixed, moving, **kw)
+
+    monkeypatch.setattr(varreg, "register", spy)
+    p = phantom.demo_pair((40, 36), rng=2)
+    f = save(tmp_path / "f.nii.gz", p.fixed[..., None], AXIAL)
+    m = save(tmp_path / "m.nii.gz", p.moving[..., None], AXIAL)
+    run("register", f, m, "-o", tmp_path / "o", "--warps", "2,4", "--refine", "0,6", "--refine-lam", "0.02", "-q")
+    (kw,) = calls
+    assert kw["warps"] == (2, 4) and kw["refine"] == (0, 6) and kw["refine_lam"] == 0.02
+    for extra, message in ((["--refine", "0", "--refine-denoiser", "tgv"], "give --refine N too"),
+                           (["--refine", "0", "--refine-lam", "0.1"], "give --refine N too"),
+                           (["--refine", "2,x"], "not N or N1,N2"),
+                           (["--warps", "2,0"], "counts must be >= 1")):
+        res = run("register", f, m, "-o", tmp_path / "o2", *extra, ok=False)
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert not (tmp_path / "o2").exists()
 
 
 # --------------------------------------------------------------------------- register: physical space

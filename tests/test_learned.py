@@ -286,7 +286,7 @@ def test_register_learned(tmp_path):
     assert res.displacement.dtype == np.float32 and res.warped.shape == (24, 24)
     assert res.info["method"] == "vrnet" and res.info["checkpoint_steps"] == 3 and res.info["refine"] == 0
     ref = register_learned(fixed, moving, path, refine=1, iterations=3)
-    assert ref.displacement.shape == (2, 24, 24) and ref.info["warps"] == 1 and ref.info["levels"] == 1
+    assert ref.displacement.shape == (2, 24, 24) and ref.info["warps"] == (1,) and ref.info["levels"] == 1
     assert not np.allclose(ref.displacement, res.displacement)
     assert torch.get_num_threads() == 1  # the classical refinement does not leave numba's thread count behind
     with pytest.raises(TypeError, match="refine=0"):
@@ -342,10 +342,12 @@ def test_shipped_checkpoints_register_real_validation_slices():
     scores = {p.name: (mean_dice(lambda f, m, p=p: register_learned(f, m, p).displacement),
                        mean_dice(lambda f, m, p=p: register_learned(f, m, p, refine=5).displacement))
               for p in sorted(ckpts.glob("*.pt"))}
-    # measured: before 0.455, classical 0.708; vrnet2d_acdc 0.809 / refined 0.820; unsupervised 0.717 / 0.753
+    # measured (two of the hardest val patients): before 0.455, classical defaults 0.764 (0.708 with the
+    # pre-refinement defaults); vrnet2d_acdc 0.809 / refined 0.828; unsupervised 0.717 / 0.753
     for alone, refined in scores.values():
         assert alone > before + 0.2 and refined > before + 0.2
-    assert min(scores["vrnet2d_acdc.pt"]) > classical + 0.05
+    assert classical > before + 0.25
+    assert min(scores["vrnet2d_acdc.pt"]) > classical + 0.03
 
 
 def test_load_model_keeps_a_few_checkpoints(tmp_path, monkeypatch):

@@ -109,6 +109,7 @@ def test_cli_register_slices_with_unet(tmp_path):
     r = CliRunner().invoke(main, base + [str(tmp_path / "o3"), "--refine", "1", "--refine-denoiser", "tgv"])
     assert r.exit_code == 0, r.output
     for extra, message in ((["--refine-denoiser", "tgv"], "give --refine N too"),
+                           (["--refine", "2,3"], "takes one count N"),
                            (["--refine", "1", "--refine-denoiser", "bm3d"], "unknown denoiser 'bm3d'"),
                            (["--precision", "fp16"], "'fp16' is not one of")):
         r = CliRunner().invoke(main, base + [str(tmp_path / "o4"), *extra])

@@ -16,12 +16,19 @@ from .resample import warp as _warp
 __all__ = ["register", "register_slices", "RegistrationResult", "DEFAULTS", "validate_pair"]
 
 #: Default schedule and weights per data term, chosen on the ACDC *train* split
-#: (patients with number % 5 in {1, 2, 3}); see benchmarks/tune_defaults.py.
+#: (every 4th train patient, 102 slice pairs; benchmarks/tune_defaults.py prints the grid).
 #: theta: penalty of the splitting; lam: weight of the regulariser
 #: (the denoiser solves R(v) + |v - u|^2 / (2 lam / theta)).
+#: warps and refine are per pyramid level, finest first: at every level ``warps`` warps
+#: with the denoiser (TV), then ``refine`` warps with :data:`DEFAULT_REFINE_DENOISER`
+#: (quadratic) weighted by ``refine_lam``. For L1 that is a strongly regularised TV pyramid
+#: (lam 0.1) that settles the large motion without mapping one structure onto another,
+#: then 30 and 10 quadratic warps on the two finest levels that let the smooth expansion
+#: of a cavity spread into it: train 0.866 (TV alone, lam 0.04, 5 warps) -> 0.886.
 DEFAULTS = {
-    "l1": dict(theta=0.1, lam=0.04, warps=5, iterations=3, denoiser_iterations=2),
-    "l2": dict(theta=0.004, lam=0.004, warps=5, iterations=3, denoiser_iterations=2),
+    "l1": dict(theta=0.1, lam=0.1, warps=(2, 5), iterations=3, denoiser_iterations=2, refine=(10, 30),
+               refine_lam=0.04),
+    "l2": dict(theta=0.004, lam=0.004, warps=5, iterations=3, denoiser_iterations=2, refine=0, refine_lam=0.004),
 }
 #: Inner steps per call for denoisers that need more than the data term's default:
 #: TGV's primal-dual iteration. ACDC train split, every 4th patient (102 pairs), mean
@@ -123,8 +130,9 @@ def register(
     normalise=True,
     device="auto",
     checkpoint=None,
-    refine=0,
+    refine=None,
     refine_denoiser=DEFAULT_REFINE_DENOISER,
+    refine_lam=None,
     precision="auto",
 ):
     """Deformable registration of ``moving`` onto ``fixed`` (TV-L1 and its relatives).
@@ -142,7 +150,10 @@ def register(
         or a callable ``denoiser(u, weight) -> v`` (see :mod:`varreg.denoisers`).
     theta, lam : splitting penalty and regularisation weight; defaults per data
         term in :data:`DEFAULTS`, for intensities scaled to [0, 1] (``normalise``).
-    warps, iterations : Gauss-Newton warps per level and splitting iterations per warp.
+    warps : Gauss-Newton warps with ``denoiser`` per level: an int for every level, or a
+        sequence per level, finest first, whose last entry also serves the coarser levels
+        (L1 default ``(2, 5)``: 2 at the finest level, 5 at the others).
+    iterations : splitting iterations per warp.
     denoiser_iterations : inner steps of a built-in denoiser per call (default
         2, 5 for ``"tgv"``: :data:`DENOISER_ITERATIONS`).
     levels, scale, min_size : pyramid: number of levels (``None``: down to
@@ -157,17 +168,19 @@ def register(
     checkpoint : with ``denoiser="unet"``: the VR-Net checkpoint to run (needs the
         ``learned`` extra); the network replaces the classical schedule, and the
         schedule options and ``spacing`` do not apply (it was trained in pixels).
-    refine : further Gauss-Newton warps at the finest level after the main solve, with
-        ``refine_denoiser`` (same data term, theta, lam and iterations), from the
-        classical pyramid's displacement or VR-Net's (``varreg_learned.register_learned``);
-        0 (default) for none. 5 warps on ACDC val: classical L1-TV 0.845 -> 0.852 mean
-        Dice (train split 0.866 -> 0.875), VR-Net 0.873 -> 0.882; synthetic 3-D pair of
-        the benchmark: end-point error 0.247 -> 0.208 voxels; but the 2-D sinusoidal
-        test pair (tests/test_engine.py) goes from 0.05 to 0.11 px: check on your data.
+    refine : further Gauss-Newton warps with ``refine_denoiser`` after the ``warps`` of a level
+        (same data term, theta and iterations; regulariser weight ``refine_lam``): an int for
+        the finest level, or a sequence per level, finest first (levels beyond it get none);
+        0 for none; ``None``: the data term's default (:data:`DEFAULTS`; L1 ``(10, 30)``:
+        10 at the finest level, 30 at the next). With VR-Net (``denoiser="unet"``) an int:
+        warps at full resolution after the network (default 0). ACDC val, mean Dice:
+        the L1 defaults 0.866, the same without refinement 0.806, the previous default
+        (lam 0.04, 5 TV warps, no refinement) 0.845; VR-Net 0.873 -> 0.882 with 5 warps.
     refine_denoiser : the classical denoiser of those warps (a name, as ``denoiser``):
-        ``"quadratic"`` (default, :data:`DEFAULT_REFINE_DENOISER`; on ACDC val with the
-        shipped checkpoint and 5 warps mean Dice 0.882 in 38-47 ms a pair), ``"tgv"``
-        (0.881, slower) or ``"tv"`` (0.877).
+        ``"quadratic"`` (default, :data:`DEFAULT_REFINE_DENOISER`), ``"tgv"`` or ``"tv"``;
+        after VR-Net with 5 warps on ACDC val 0.882 / 0.881 / 0.877.
+    refine_lam : regularisation weight of the refinement warps (default per data term,
+        :data:`DEFAULTS`: 0.04 for L1).
     precision : with ``denoiser="unet"``: the U-Nets' arithmetic, ``"auto"`` (bfloat16
         on CPUs that compute it in hardware, float32 elsewhere), ``"float32"`` or
         ``"bfloat16"`` (``varreg_learned.model.resolve_precision``).
@@ -192,11 +205,11 @@ def register(
     if isinstance(denoiser, str) and denoiser.lower() == "unet":
         if initial is not None:
             raise ValueError("denoiser='unet' computes its own initial displacement; initial= is not taken")
-        return _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise, precision)
+        return _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, refine_lam, device, normalise,
+                              precision)
     if checkpoint is not None or precision != "auto":
         raise ValueError("checkpoint and precision go with denoiser='unet' (VR-Net); "
                          "the classical denoisers take neither")
-    _check_refine(refine, refine_denoiser)
     t0 = time.perf_counter()
     fixed, moving = validate_pair(fixed, moving)
     ndim = fixed.ndim
@@ -204,13 +217,16 @@ def register(
     defaults = DEFAULTS.get(getattr(dterm, "name", "l1"), DEFAULTS["l1"])
     theta = defaults["theta"] if theta is None else theta
     lam = defaults["lam"] if lam is None else lam
-    warps = defaults["warps"] if warps is None else warps
+    warps = _per_level("warps", defaults["warps"] if warps is None else warps, minimum=1)
+    refine = _per_level("refine", defaults["refine"] if refine is None else refine, minimum=0)
+    refine_lam = defaults["refine_lam"] if refine_lam is None else refine_lam
+    _check_refine_denoiser(refine_denoiser)
     iterations = defaults["iterations"] if iterations is None else iterations
     den_iters = _denoiser_steps(denoiser, defaults) if denoiser_iterations is None else denoiser_iterations
-    for name, val in (("theta", theta), ("lam", lam)):
+    for name, val in (("theta", theta), ("lam", lam), ("refine_lam", refine_lam)):
         if not (np.isscalar(val) and np.isfinite(val) and val > 0):
             raise ValueError(f"{name} must be a positive finite number, got {val!r}")
-    for name, val in (("warps", warps), ("iterations", iterations), ("denoiser_iterations", den_iters), ("min_size", min_size)):
+    for name, val in (("iterations", iterations), ("denoiser_iterations", den_iters), ("min_size", min_size)):
         if not (isinstance(val, (int, np.integer)) and val >= 1):
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
     if levels is not None and not (isinstance(levels, (int, np.integer)) and levels >= 1):
@@ -242,26 +258,29 @@ def register(
             raise ValueError("initial displacement contains NaN or Inf values")
 
     den = make_denoiser(denoiser, spacing=rel_spacing, n_iter=den_iters)
+    rden = make_denoiser(refine_denoiser, spacing=rel_spacing, n_iter=_denoiser_steps(refine_denoiser, defaults))
     shapes = level_shapes(fixed.shape, scale=scale, levels=levels, min_size=min_size)
+    warps_at = [_at_level(warps, lvl, repeat_last=True) for lvl in range(len(shapes))]
+    refine_at = [_at_level(refine, lvl, repeat_last=False) for lvl in range(len(shapes))]
 
     def solve_level(f, m, u, lvl):
-        return solve(f, m, u, data_term=dterm, denoiser=den, theta=theta, lam=lam,
-                     n_warps=warps, n_iters=iterations, ndim=ndim)
+        u = solve(f, m, u, data_term=dterm, denoiser=den, theta=theta, lam=lam,
+                  n_warps=warps_at[lvl], n_iters=iterations, ndim=ndim)
+        if refine_at[lvl]:  # then the refinement warps of this level
+            u = solve(f, m, u, data_term=dterm, denoiser=rden, theta=theta, lam=refine_lam,
+                      n_warps=refine_at[lvl], n_iters=iterations, ndim=ndim)
+        return u
 
     u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=scale, u0=u0)
-    if refine:
-        # further warps at the finest level with the refinement denoiser (as after VR-Net)
-        rden = make_denoiser(refine_denoiser, spacing=rel_spacing, n_iter=_denoiser_steps(refine_denoiser, defaults))
-        u = solve(f32, m32, u, data_term=dterm, denoiser=rden, theta=theta, lam=lam, n_warps=int(refine),
-                  n_iters=iterations, ndim=ndim)
     moving_f = moving_d if moving_d.dtype.kind == "f" else xp.astype(moving_d, xp.float32)
     warped = _warp(moving_f, u)
     info = dict(
         data_term=getattr(dterm, "name", type(dterm).__name__),
         denoiser=denoiser if isinstance(denoiser, str) else getattr(denoiser, "__name__", type(denoiser).__name__),
-        theta=theta, lam=lam, warps=warps, iterations=iterations, denoiser_iterations=den_iters,
+        theta=theta, lam=lam, warps=tuple(warps_at), iterations=iterations, denoiser_iterations=den_iters,
         scale=scale, levels=len(shapes), shapes=shapes, spacing=spacing, device=dev,
-        refine=int(refine), refine_denoiser=refine_denoiser if refine else None,
+        refine=tuple(refine_at), refine_denoiser=refine_denoiser if any(refine_at) else None,
+        refine_lam=refine_lam if any(refine_at) else None,
         time_s=time.perf_counter() - t0,
     )
     if host_input:
@@ -275,14 +294,37 @@ def _denoiser_steps(denoiser, defaults) -> int:
     return DENOISER_ITERATIONS.get(key, defaults["denoiser_iterations"])
 
 
-def _check_refine(refine, refine_denoiser):
-    if not (isinstance(refine, (int, np.integer)) and not isinstance(refine, bool) and refine >= 0):
-        raise ValueError(f"refine must be a non-negative integer (further warps), got {refine!r}")
+def _is_count(val, minimum: int) -> bool:
+    return isinstance(val, (int, np.integer)) and not isinstance(val, bool) and val >= minimum
+
+
+def _per_level(name: str, value, *, minimum: int):
+    """An int, or a non-empty sequence of ints (per level, finest first), each ``>= minimum``; as a tuple or int."""
+    kind = "positive" if minimum >= 1 else "non-negative"
+    if _is_count(value, minimum):
+        return int(value)
+    if isinstance(value, (list, tuple)) and value and all(_is_count(v, minimum) for v in value):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"{name} must be a {kind} integer or a sequence of them (one per pyramid level, finest first), "
+                     f"got {value!r}")
+
+
+def _at_level(value, lvl: int, *, repeat_last: bool) -> int:
+    """The count of level ``lvl`` (0: finest): an int counts for every level (``warps``) or the finest only
+    (``refine``); a sequence past its end repeats its last entry (``warps``) or gives 0 (``refine``)."""
+    if isinstance(value, int):
+        return value if (repeat_last or lvl == 0) else 0
+    if lvl < len(value):
+        return value[lvl]
+    return value[-1] if repeat_last else 0
+
+
+def _check_refine_denoiser(refine_denoiser):
     if not (isinstance(refine_denoiser, str) and refine_denoiser.lower() in DENOISERS):
         raise ValueError(f"refine_denoiser must be one of {sorted(DENOISERS)}, got {refine_denoiser!r}")
 
 
-def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, normalise, precision):
+def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, refine_lam, device, normalise, precision):
     """``denoiser="unet"``: VR-Net from a checkpoint, through ``varreg_learned``."""
     if checkpoint is None:
         raise ValueError("denoiser='unet' needs checkpoint=PATH (a VR-Net checkpoint, e.g. "
@@ -297,8 +339,13 @@ def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, device, n
     if device == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("device='gpu' was asked for but torch sees no CUDA device. Use device='cpu' or 'auto'.")
     tdev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    _check_refine(refine, refine_denoiser)
+    refine = 0 if refine is None else refine
+    if not _is_count(refine, 0):
+        raise ValueError(f"refine must be a non-negative integer after VR-Net (warps at full resolution), got {refine!r}")
+    _check_refine_denoiser(refine_denoiser)
     opts = {"denoiser": refine_denoiser} if refine else {}
+    if refine and refine_lam is not None:
+        opts["lam"] = refine_lam
     return register_learned(fixed, moving, checkpoint, refine=int(refine), device=tdev, normalise=normalise,
                             precision=precision, **opts)
 

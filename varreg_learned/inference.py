@@ -70,8 +70,9 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
     fixed, moving : NumPy arrays of one shape, 2-D or 3-D (the checkpoint's dimension).
     checkpoint : path of a VR-Net checkpoint, or a :class:`VRNet`.
     refine : extra Gauss-Newton warps of the classical solver started from the
-        network's displacement (``varreg.register(..., initial=u, levels=1, warps=refine)``);
-        0 for the network alone.
+        network's displacement (``varreg.register(..., initial=u, levels=1, warps=refine,
+        refine=0)`` with the quadratic regulariser, ``theta`` and ``lam = refine_lam`` of
+        ``varreg.DEFAULTS``); 0 for the network alone.
     device : torch device for the network (``"cpu"``, ``"cuda"``).
     normalise : scale the pair jointly to [0, 1] first (as in training and ``varreg.register``).
     precision : ``"auto"`` (bfloat16 U-Nets on CPUs that compute it in hardware,
@@ -111,9 +112,12 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
     info = dict(method="vrnet", checkpoint=name, config=model.config.to_dict(), network_time_s=t_net, refine=int(refine),
                 checkpoint_steps=meta.get("steps"), device=device, precision=precision)
     if refine > 0:
-        opts = dict(data_term=model.config.data_term, denoiser=DEFAULT_REFINE_DENOISER, normalise=normalise,
-                    device="cpu")
+        d = varreg.DEFAULTS[model.config.data_term]
+        # the refinement warps of the classical defaults: theta, refine_lam, the quadratic regulariser
+        opts = dict(data_term=model.config.data_term, denoiser=DEFAULT_REFINE_DENOISER, theta=d["theta"],
+                    lam=d["refine_lam"], normalise=normalise, device="cpu")
         opts.update(refine_options)
+        opts["refine"] = 0  # these warps are the refinement
         n_threads = torch.get_num_threads()
         try:
             res = varreg.register(fixed, moving, initial=u, levels=1, warps=int(refine), **opts)
