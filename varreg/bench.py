@@ -121,7 +121,8 @@ def _varreg_method(name):
     d = varreg.DEFAULTS[data_term]
     den_iters = varreg.registration.DENOISER_ITERATIONS.get(denoiser, d["denoiser_iterations"])
     cfg = (f"varreg.register(data_term={data_term!r}, denoiser={denoiser!r}): theta {d['theta']}, lam {d['lam']}, "
-           f"{d['warps']} warps x {d['iterations']} iterations x {den_iters} denoiser steps, "
+           f"warps {d['warps']} per level (finest first) x {d['iterations']} iterations x {den_iters} denoiser steps, "
+           f"then refine {d['refine']} quadratic warps per level (lam {d['refine_lam']}), "
            f"scale {varreg.register.__kwdefaults__['scale']}"
            " (varreg.DEFAULTS of the data term, chosen for TV on the ACDC train split; not retuned per denoiser)")
     from .backend import gpu_available
