@@ -109,7 +109,9 @@ def test_register_help_shows_the_api_defaults():
         assert word in text
 
 
-def test_options_reach_the_api_and_unset_ones_stay_api_defaults(tmp_path, monkeypatch):
+@pytest.fixture
+def spied_pair(tmp_path, monkeypatch):
+    """A one-slice NIfTI pair (1.5 x 1.2 mm) and the list that records varreg.register's keywords."""
     calls = []
     real = varreg.register
 
@@ -121,6 +123,11 @@ def test_options_reach_the_api_and_unset_ones_stay_api_defaults(tmp_path, monkey
     p = phantom.demo_pair((40, 36), rng=2)
     f = save(tmp_path / "f.nii.gz", p.fixed[..., None], AXIAL)
     m = save(tmp_path / "m.nii.gz", p.moving[..., None], AXIAL)
+    return calls, f, m
+
+
+def test_options_reach_the_api_and_unset_ones_stay_api_defaults(tmp_path, spied_pair):
+    calls, f, m = spied_pair
     run("register", f, m, "-o", tmp_path / "o", "--data-term", "l2", "--lam", "0.01", "--warps", "2",
         "--device", "cpu", "-q")
     (kw,) = calls
@@ -130,18 +137,8 @@ def test_options_reach_the_api_and_unset_ones_stay_api_defaults(tmp_path, monkey
     assert kw["spacing"] == pytest.approx((1.5, 1.2))  # anisotropic voxel sizes from the affine
 
 
-def test_per_level_schedules_reach_the_api_as_tuples(tmp_path, monkeypatch):
-    calls = []
-    real = varreg.register
-
-    def spy(fixed, moving, **kw):
-        calls.append(kw)
-        return real(fixed, moving, **kw)
-
-    monkeypatch.setattr(varreg, "register", spy)
-    p = phantom.demo_pair((40, 36), rng=2)
-    f = save(tmp_path / "f.nii.gz", p.fixed[..., None], AXIAL)
-    m = save(tmp_path / "m.nii.gz", p.moving[..., None], AXIAL)
+def test_per_level_schedules_reach_the_api_as_tuples(tmp_path, spied_pair):
+    calls, f, m = spied_pair
     run("register", f, m, "-o", tmp_path / "o", "--warps", "2,4", "--refine", "0,6", "--refine-lam", "0.02", "-q")
     (kw,) = calls
     assert kw["warps"] == (2, 4) and kw["refine"] == (0, 6) and kw["refine_lam"] == 0.02
