@@ -88,6 +88,7 @@ def _solver_help_fields() -> dict:
 
     sig = inspect.signature(R.register).parameters
     out = {}
+
     def show(v):
         return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
@@ -242,10 +243,9 @@ def main():
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs (default: refuse, write nothing).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary line (errors still go to stderr).")
 def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, slices, frame, fixed_frame,
-             moving_frame, initial, isotropic, data_term, denoiser, ckpt, refine, refine_denoiser, refine_lam, precision,
-             theta,
-             lam, warps, iterations, denoiser_iterations, levels, scale, min_size, normalise, device, threads, force,
-             quiet):
+             moving_frame, initial, isotropic, data_term, denoiser, ckpt, refine, refine_denoiser, refine_lam,
+             precision, theta, lam, warps, iterations, denoiser_iterations, levels, scale, min_size, normalise, device,
+             threads, force, quiet):
     """Register MOVING onto FIXED (NIfTI, or 2-D PNG/TIFF/NPY) in physical space.
 
     \b
