@@ -73,6 +73,21 @@ def test_refine_is_further_warps_at_the_finest_level(pair2d):
     assert np.abs(tgv.displacement - res.displacement).max() > 1e-3
 
 
+def test_refinement_regularises_in_voxel_units_whatever_the_spacing():
+    """With a spacing, the main denoiser is scaled by it but the refinement warps are not: they equal a
+    one-level call with the quadratic denoiser and no spacing."""
+    fixed, moving, _ = _pair((12, 32, 32), amplitude=1.5)
+    sp = (5.0, 1.0, 1.0)
+    base = varreg.register(fixed, moving, spacing=sp, refine=0)
+    res = varreg.register(fixed, moving, spacing=sp, refine=2)
+    again = varreg.register(fixed, moving, initial=base.displacement, levels=1, warps=2, denoiser="quadratic",
+                            lam=varreg.DEFAULTS["l1"]["refine_lam"], refine=0)
+    np.testing.assert_allclose(res.displacement, again.displacement, atol=1e-5)
+    scaled = varreg.register(fixed, moving, initial=base.displacement, levels=1, warps=2, denoiser="quadratic",
+                             lam=varreg.DEFAULTS["l1"]["refine_lam"], refine=0, spacing=sp)
+    assert np.abs(scaled.displacement - res.displacement).max() > 1e-3
+
+
 def test_per_level_schedules_follow_the_pyramid_finest_first(pair2d):
     """warps: a sequence's last entry serves the coarser levels; refine: levels past the sequence get none.
     A refinement on the second level changes the result; the defaults are the documented schedule."""
