@@ -33,6 +33,10 @@ CONFIGS = {
     "refine 10,30,30": dict(refine=(10, 30, 30)),
     "refine_lam 0.06": dict(refine_lam=0.06),
     "refine_denoiser tv": dict(refine_denoiser="tv"),
+    "L2: previous default (lam 0.004, warps 5, refine 0)": dict(data_term="l2", lam=0.004, warps=5, refine=0),
+    "L2: lam 0.08": dict(data_term="l2", lam=0.08),
+    "L2: refine_lam 0.006": dict(data_term="l2", refine_lam=0.006),
+    "L2: default": dict(data_term="l2"),
     "**default**": dict(),
 }
 
