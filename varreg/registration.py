@@ -261,13 +261,13 @@ def register(
             raise ValueError("initial displacement contains NaN or Inf values")
 
     den = make_denoiser(denoiser, spacing=rel_spacing, n_iter=den_iters)
-    # The refinement regularises in voxel units, as det(I + grad u) counts folds: scaled by the spacing, its
-    # coupling across 10 mm slices over 1.5 mm pixels would be 1/44 of the in-plane one, and on such stacks
-    # (ACDC val volumes) the through-slice component then folds 6 % of the voxels (0.03 % in voxel units).
-    rden = make_denoiser(refine_denoiser, n_iter=_denoiser_steps(refine_denoiser, defaults))
     shapes = level_shapes(fixed.shape, scale=scale, levels=levels, min_size=min_size)
     warps_at = [_at_level(warps, lvl, repeat_last=True) for lvl in range(len(shapes))]
     refine_at = [_at_level(refine, lvl, repeat_last=False) for lvl in range(len(shapes))]
+    # The refinement regularises in voxel units, as det(I + grad u) counts folds: scaled by the spacing, its
+    # coupling across 10 mm slices over 1.5 mm pixels would be 1/44 of the in-plane one, and on such stacks
+    # (ACDC val volumes) the through-slice component then folds 6 % of the voxels (0.03 % in voxel units).
+    rden = make_denoiser(refine_denoiser, n_iter=_denoiser_steps(refine_denoiser, defaults)) if any(refine_at) else None
 
     def solve_level(f, m, u, lvl):
         u = solve(f, m, u, data_term=dterm, denoiser=den, theta=theta, lam=lam,
@@ -345,14 +345,12 @@ def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, refine_la
     if device == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("device='gpu' was asked for but torch sees no CUDA device. Use device='cpu' or 'auto'.")
     tdev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    refine = 0 if refine is None else refine
-    if not _is_count(refine, 0):
-        raise ValueError(f"refine must be a non-negative integer after VR-Net (warps at full resolution), got {refine!r}")
+    refine = 0 if refine is None else refine  # register_learned checks it: warps at full resolution
     _check_refine_denoiser(refine_denoiser)
     opts = {"denoiser": refine_denoiser} if refine else {}
     if refine and refine_lam is not None:
         opts["lam"] = refine_lam
-    return register_learned(fixed, moving, checkpoint, refine=int(refine), device=tdev, normalise=normalise,
+    return register_learned(fixed, moving, checkpoint, refine=refine, device=tdev, normalise=normalise,
                             precision=precision, **opts)
 
 
