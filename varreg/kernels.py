@@ -48,7 +48,40 @@ def _run(kernel, nvox, *args):
         numba.set_num_threads(n)
 
 
-_opts = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+# Only the fast-math flags that leave a finite result unchanged: no reassociation, FMA
+# contraction, approximate reciprocals or square roots, or signed-zero folding. Numba
+# optimises a freshly compiled parallel kernel differently from the same kernel loaded
+# from its cache; with ``fastmath=True`` the two rounded differently, and the L1
+# threshold turned that into displacements up to 0.5 px apart on ACDC between a
+# machine's first run and every later one. With these flags the two agree bit for bit
+# (tests/test_reproducible.py); the row sums that needed reassociation to vectorise are
+# written in eight lanes instead (:func:`_row_dot`).
+_FASTMATH = {"nnan", "ninf"}
+_opts = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _row_dot(a, b):
+    """``sum(a * b)`` of two rows in float64, in eight lanes of a fixed order."""
+    W = a.shape[0]
+    nb = W // 8
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    for q in range(nb):
+        j = 8 * q
+        s0 += a[j] * b[j]
+        s1 += a[j + 1] * b[j + 1]
+        s2 += a[j + 2] * b[j + 2]
+        s3 += a[j + 3] * b[j + 3]
+        s4 += a[j + 4] * b[j + 4]
+        s5 += a[j + 5] * b[j + 5]
+        s6 += a[j + 6] * b[j + 6]
+        s7 += a[j + 7] * b[j + 7]
+    acc = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for j in range(8 * nb, W):
+        acc += a[j] * b[j]
+    return acc
+
+
 # The TV and TGV kernels spell their constants as np.float32 (``one``, ``zero`` ...): a
 # float64 literal promotes every float32 operation it meets, and those loops ran 1.2-1.5x
 # slower with them (the values are exact, so float64 arrays lose nothing).
@@ -557,10 +590,7 @@ def _helmholtz(x, out, w, cz, cy, cx, partial):
             for j in range(1, W - 1):
                 o[j] -= w * cx * ((xr[j + 1] - xr[j]) - (xr[j] - xr[j - 1]))
             o[W - 1] += w * cx * (xr[W - 1] - xr[W - 2])
-        acc = 0.0
-        for j in range(W):
-            acc += xr[j] * o[j]
-        partial[n] = acc
+        partial[n] = _row_dot(xr, o)
 
 
 # The point-wise passes of the CG see the fields as (rows, W): no neighbours needed.
@@ -569,16 +599,12 @@ def _cg_start(u, ad, r, dv, partial, partial_u):
     """``r = dv = u - ad``; ``partial[n]``, ``partial_u[n]``: row n's ``sum(r * r)``, ``sum(u * u)``."""
     for n in prange(u.shape[0]):
         ur, ar, rr, dr = u[n], ad[n], r[n], dv[n]
-        acc = 0.0
-        acc_u = 0.0
         for j in range(u.shape[1]):
             e = ur[j] - ar[j]
             rr[j] = e
             dr[j] = e
-            acc += e * e
-            acc_u += ur[j] * ur[j]
-        partial[n] = acc
-        partial_u[n] = acc_u
+        partial[n] = _row_dot(rr, rr)
+        partial_u[n] = _row_dot(ur, ur)
 
 
 @njit(**_opts)
@@ -586,12 +612,10 @@ def _cg_update(x, r, dv, ad, alpha, partial):
     """``x += alpha dv``, ``r -= alpha ad``; ``partial[n]`` = row n's ``sum(r * r)``."""
     for n in prange(x.shape[0]):
         xr, rr, dr, ar = x[n], r[n], dv[n], ad[n]
-        acc = 0.0
         for j in range(x.shape[1]):
             xr[j] += alpha * dr[j]
             rr[j] -= alpha * ar[j]
-            acc += rr[j] * rr[j]
-        partial[n] = acc
+        partial[n] = _row_dot(rr, rr)
 
 
 @njit(**_opts)
