@@ -54,31 +54,44 @@ def _run(kernel, nvox, *args):
 # from its cache; with ``fastmath=True`` the two rounded differently, and the L1
 # threshold turned that into displacements up to 0.5 px apart on ACDC between a
 # machine's first run and every later one. With these flags the two agree bit for bit
-# (tests/test_reproducible.py); the row sums that needed reassociation to vectorise are
-# written in eight lanes instead (:func:`_row_dot`).
+# (tests/test_reproducible.py); the CG's inner products, which needed reassociation to
+# vectorise, are summed column-wise over fixed chunks of rows instead (:func:`_add_products`).
 _FASTMATH = {"nnan", "ninf"}
 _opts = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 
 
+#: Rows per partial sum of the CG's inner products: a fixed split, so the sums do not
+#: depend on the thread count.
+_CHUNK_ROWS = 16
+
+
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _row_dot(a, b):
-    """``sum(a * b)`` of two rows in float64, in eight lanes of a fixed order."""
-    W = a.shape[0]
+def _add_products(col, a, b):
+    """``col += a * b`` (float64 ``col``): point-wise, so it vectorises without reassociation."""
+    for j in range(a.shape[0]):
+        col[j] += a[j] * b[j]
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _drain(col):
+    """``sum(col)`` in eight lanes of a fixed order; ``col`` is zeroed."""
+    W = col.shape[0]
     nb = W // 8
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     for q in range(nb):
         j = 8 * q
-        s0 += a[j] * b[j]
-        s1 += a[j + 1] * b[j + 1]
-        s2 += a[j + 2] * b[j + 2]
-        s3 += a[j + 3] * b[j + 3]
-        s4 += a[j + 4] * b[j + 4]
-        s5 += a[j + 5] * b[j + 5]
-        s6 += a[j + 6] * b[j + 6]
-        s7 += a[j + 7] * b[j + 7]
+        s0 += col[j]
+        s1 += col[j + 1]
+        s2 += col[j + 2]
+        s3 += col[j + 3]
+        s4 += col[j + 4]
+        s5 += col[j + 5]
+        s6 += col[j + 6]
+        s7 += col[j + 7]
     acc = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
     for j in range(8 * nb, W):
-        acc += a[j] * b[j]
+        acc += col[j]
+    col[:] = 0.0
     return acc
 
 
@@ -568,54 +581,73 @@ def tgv_steps(u, state: dict, mu: float, beta: float, tau: float, sigma: float, 
 
 # ------------------------------------------------------------ quadratic (diffusion)
 @njit(**_opts)
-def _helmholtz(x, out, w, cz, cy, cx, partial):
+def _helmholtz(x, out, w, cz, cy, cx, cols, partial):
     """``out = x - w lap(x)`` for ``x`` of shape ``(d, D, H, W)`` (the Neumann Laplacian of
-    differences.laplacian; ``cz``, ``cy``, ``cx``: 1/h^2); ``partial[n]`` gets row n's
-    ``sum(x * out)`` (rows in C order), so that the caller's sum does not depend on threads.
-    The row loops are written out here: as a helper function called per row they ran 4x slower."""
+    differences.laplacian; ``cz``, ``cy``, ``cx``: 1/h^2); ``partial[m]`` gets
+    ``sum(x * out)`` over rows ``[m * _CHUNK_ROWS, (m + 1) * _CHUNK_ROWS)`` (rows in C
+    order), accumulated in ``cols[m]`` (zeros, ``(n_chunks, W)`` float64), so that the
+    caller's sum does not depend on threads. The row loops are written out here: as a
+    helper function called per row (not inlined) they ran 4x slower."""
     d, D, H, W = x.shape
+    rows = d * D * H
     zero = cx - cx
-    for n in prange(d * D * H):
-        c, k, i = n // (D * H), (n // H) % D, n % H
-        kp, km, ip, im = min(k + 1, D - 1), max(k - 1, 0), min(i + 1, H - 1), max(i - 1, 0)
-        tz = cz if k < D - 1 else zero
-        bz = cz if k > 0 else zero
-        ty = cy if i < H - 1 else zero
-        by = cy if i > 0 else zero
-        xr, xyp, xym, xzp, xzm, o = x[c, k, i], x[c, k, ip], x[c, k, im], x[c, kp, i], x[c, km, i], out[c, k, i]
-        for j in range(W):  # the terms across rows and slices (ty ... bz vanish at the borders)
-            o[j] = xr[j] - w * (ty * (xyp[j] - xr[j]) - by * (xr[j] - xym[j]) + tz * (xzp[j] - xr[j]) - bz * (xr[j] - xzm[j]))
-        if W > 1:  # along the row: one-sided at both ends
-            o[0] -= w * cx * (xr[1] - xr[0])
-            for j in range(1, W - 1):
-                o[j] -= w * cx * ((xr[j + 1] - xr[j]) - (xr[j] - xr[j - 1]))
-            o[W - 1] += w * cx * (xr[W - 1] - xr[W - 2])
-        partial[n] = _row_dot(xr, o)
+    for m in prange(partial.shape[0]):
+        col = cols[m]
+        for n in range(m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)):
+            c, k, i = n // (D * H), (n // H) % D, n % H
+            kp, km, ip, im = min(k + 1, D - 1), max(k - 1, 0), min(i + 1, H - 1), max(i - 1, 0)
+            tz = cz if k < D - 1 else zero
+            bz = cz if k > 0 else zero
+            ty = cy if i < H - 1 else zero
+            by = cy if i > 0 else zero
+            xr, xyp, xym, xzp, xzm, o = x[c, k, i], x[c, k, ip], x[c, k, im], x[c, kp, i], x[c, km, i], out[c, k, i]
+            for j in range(W):  # the terms across rows and slices (ty ... bz vanish at the borders)
+                o[j] = xr[j] - w * (ty * (xyp[j] - xr[j]) - by * (xr[j] - xym[j]) + tz * (xzp[j] - xr[j])
+                                    - bz * (xr[j] - xzm[j]))
+            if W > 1:  # along the row: one-sided at both ends
+                o[0] -= w * cx * (xr[1] - xr[0])
+                for j in range(1, W - 1):
+                    o[j] -= w * cx * ((xr[j + 1] - xr[j]) - (xr[j] - xr[j - 1]))
+                o[W - 1] += w * cx * (xr[W - 1] - xr[W - 2])
+            _add_products(col, xr, o)
+        partial[m] = _drain(col)
 
 
-# The point-wise passes of the CG see the fields as (rows, W): no neighbours needed.
+# The point-wise passes of the CG see the fields as (rows, W): no neighbours needed. Their
+# sums go by chunks of _CHUNK_ROWS rows as in _helmholtz.
 @njit(**_opts)
-def _cg_start(u, ad, r, dv, partial, partial_u):
-    """``r = dv = u - ad``; ``partial[n]``, ``partial_u[n]``: row n's ``sum(r * r)``, ``sum(u * u)``."""
-    for n in prange(u.shape[0]):
-        ur, ar, rr, dr = u[n], ad[n], r[n], dv[n]
-        for j in range(u.shape[1]):
-            e = ur[j] - ar[j]
-            rr[j] = e
-            dr[j] = e
-        partial[n] = _row_dot(rr, rr)
-        partial_u[n] = _row_dot(ur, ur)
+def _cg_start(u, ad, r, dv, cols, partial, partial_u):
+    """``r = dv = u - ad``; ``partial[m]``, ``partial_u[m]``: chunk m's ``sum(r * r)``, ``sum(u * u)``."""
+    rows = u.shape[0]
+    for m in prange(partial.shape[0]):
+        col = cols[m]
+        for n in range(m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)):
+            ur, ar, rr, dr = u[n], ad[n], r[n], dv[n]
+            for j in range(u.shape[1]):
+                e = ur[j] - ar[j]
+                rr[j] = e
+                dr[j] = e
+                col[j] += e * e
+        partial[m] = _drain(col)
+        for n in range(m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)):
+            _add_products(col, u[n], u[n])
+        partial_u[m] = _drain(col)
 
 
 @njit(**_opts)
-def _cg_update(x, r, dv, ad, alpha, partial):
-    """``x += alpha dv``, ``r -= alpha ad``; ``partial[n]`` = row n's ``sum(r * r)``."""
-    for n in prange(x.shape[0]):
-        xr, rr, dr, ar = x[n], r[n], dv[n], ad[n]
-        for j in range(x.shape[1]):
-            xr[j] += alpha * dr[j]
-            rr[j] -= alpha * ar[j]
-        partial[n] = _row_dot(rr, rr)
+def _cg_update(x, r, dv, ad, alpha, cols, partial):
+    """``x += alpha dv``, ``r -= alpha ad``; ``partial[m]`` = chunk m's ``sum(r * r)``."""
+    rows = x.shape[0]
+    for m in prange(partial.shape[0]):
+        col = cols[m]
+        for n in range(m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)):
+            xr, rr, dr, ar = x[n], r[n], dv[n], ad[n]
+            for j in range(x.shape[1]):
+                xr[j] += alpha * dr[j]
+                e = rr[j] - alpha * ar[j]
+                rr[j] = e
+                col[j] += e * e
+        partial[m] = _drain(col)
 
 
 @njit(**_opts)
@@ -633,8 +665,8 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
     steps and stopping rule).
 
     ``u``, ``x``: ``(d, *spatial)`` (2-D or 3-D), C-contiguous, of one float dtype. Dot
-    products sum per row (float64), then over rows in order: the result does not depend
-    on the thread count.
+    products sum in float64 by fixed chunks of rows, then over the chunks in order: the
+    result does not depend on the thread count.
     """
     nd = u.ndim - 1
     if nd not in (2, 3) or x.shape != u.shape:
@@ -650,18 +682,20 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
     ad, r, dv = np.empty_like(u4), np.empty_like(u4), np.empty_like(u4)
     rows = shape4[0] * shape4[1] * shape4[2]
     flat = lambda a: a.reshape(rows, shape4[3])  # noqa: E731  (rows, W) views for the point-wise passes
-    partial, partial_u = np.empty(rows, np.float64), np.empty(rows, np.float64)
+    chunks = -(-rows // _CHUNK_ROWS)
+    cols = np.zeros((chunks, shape4[3]), np.float64)  # each kernel leaves it zeroed
+    partial, partial_u = np.empty(chunks, np.float64), np.empty(chunks, np.float64)
     nvox = u[0].size
-    _run(_helmholtz, nvox, x4, ad, f(weight), cz, cy, cx, partial)
-    _run(_cg_start, nvox, flat(u4), flat(ad), flat(r), flat(dv), partial, partial_u)
+    _run(_helmholtz, nvox, x4, ad, f(weight), cz, cy, cx, cols, partial)
+    _run(_cg_start, nvox, flat(u4), flat(ad), flat(r), flat(dv), cols, partial, partial_u)
     rr = partial.sum()
     stop = tol**2 * partial_u.sum() + 1e-30
     for _ in range(int(n_iter)):
         if rr <= stop:
             break
-        _run(_helmholtz, nvox, dv, ad, f(weight), cz, cy, cx, partial)
+        _run(_helmholtz, nvox, dv, ad, f(weight), cz, cy, cx, cols, partial)
         alpha = rr / partial.sum()
-        _run(_cg_update, nvox, flat(x4), flat(r), flat(dv), flat(ad), f(alpha), partial)
+        _run(_cg_update, nvox, flat(x4), flat(r), flat(dv), flat(ad), f(alpha), cols, partial)
         rr_new = partial.sum()
         _run(_cg_direction, nvox, flat(dv), flat(r), f(rr_new / rr))
         rr = rr_new
