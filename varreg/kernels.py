@@ -215,24 +215,28 @@ def warp_gradient(moving: np.ndarray, fixed: np.ndarray, u: np.ndarray, eps: flo
 # ----------------------------------------------------------------------- data step
 @njit(**_opts)
 def _data_step(v, g, rho0, gg, theta, l1, out):
+    """The components are written out (``three`` and ``l1`` are loop-invariant, so LLVM
+    unswitches them): with an inner loop over a run-time ``d`` the pixel loop did not
+    vectorise and ran 3-6x slower, for the same values."""
     d, n = v.shape
+    three = d == 3
     inv_theta = 1.0 / theta
     for t in prange(n):
         rho = rho0[t]
-        for c in range(d):
-            rho += g[c, t] * v[c, t]
+        rho += g[0, t] * v[0, t]
+        rho += g[1, t] * v[1, t]
+        if three:
+            rho += g[2, t] * v[2, t]
         if l1:
             thr = gg[t] * inv_theta
-            if rho > thr:
-                s = inv_theta
-            elif rho < -thr:
-                s = -inv_theta
-            else:
-                s = rho / gg[t]
+            inside = rho / gg[t]
+            s = inv_theta if rho > thr else (-inv_theta if rho < -thr else np.float64(inside))
         else:
-            s = rho / (theta + gg[t])
-        for c in range(d):
-            out[c, t] = v[c, t] - s * g[c, t]
+            s = np.float64(rho / (theta + gg[t]))
+        out[0, t] = v[0, t] - s * g[0, t]
+        out[1, t] = v[1, t] - s * g[1, t]
+        if three:
+            out[2, t] = v[2, t] - s * g[2, t]
 
 
 def data_step(v, g, rho0, gg, theta: float, l1: bool) -> np.ndarray:
@@ -242,6 +246,8 @@ def data_step(v, g, rho0, gg, theta: float, l1: bool) -> np.ndarray:
     For L1 ``gg = |g|^2 + eps``; for L2 ``gg = |g|^2``.
     """
     d = v.shape[0]
+    if d not in (2, 3):
+        raise ValueError(f"data_step takes a displacement (2, H, W) or (3, D, H, W), got shape {v.shape}")
     out = np.empty_like(v)
     _run(
         _data_step, rho0.size, v.reshape(d, -1), g.reshape(d, -1), rho0.reshape(-1), gg.reshape(-1),
