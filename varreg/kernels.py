@@ -66,6 +66,12 @@ _CHUNK_ROWS = 16
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _chunk_rows(m, rows):
+    """The rows ``[start, stop)`` of chunk ``m`` out of ``rows``."""
+    return m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
 def _add_products(col, a, b):
     """``col += a * b`` (float64 ``col``): point-wise, so it vectorises without reassociation."""
     for j in range(a.shape[0]):
@@ -599,7 +605,7 @@ def _helmholtz(x, out, w, cz, cy, cx, cols, partial):
     zero = cx - cx
     for m in prange(partial.shape[0]):
         col = cols[m]
-        for n in range(m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)):
+        for n in range(*_chunk_rows(m, rows)):
             c, k, i = n // (D * H), (n // H) % D, n % H
             kp, km, ip, im = min(k + 1, D - 1), max(k - 1, 0), min(i + 1, H - 1), max(i - 1, 0)
             tz = cz if k < D - 1 else zero
@@ -627,7 +633,7 @@ def _cg_start(u, ad, r, dv, cols, partial, partial_u):
     rows = u.shape[0]
     for m in prange(partial.shape[0]):
         col = cols[m]
-        for n in range(m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)):
+        for n in range(*_chunk_rows(m, rows)):
             ur, ar, rr, dr = u[n], ad[n], r[n], dv[n]
             for j in range(u.shape[1]):
                 e = ur[j] - ar[j]
@@ -635,7 +641,7 @@ def _cg_start(u, ad, r, dv, cols, partial, partial_u):
                 dr[j] = e
                 col[j] += e * e
         partial[m] = _drain(col)
-        for n in range(m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)):
+        for n in range(*_chunk_rows(m, rows)):
             _add_products(col, u[n], u[n])
         partial_u[m] = _drain(col)
 
@@ -646,7 +652,7 @@ def _cg_update(x, r, dv, ad, alpha, cols, partial):
     rows = x.shape[0]
     for m in prange(partial.shape[0]):
         col = cols[m]
-        for n in range(m * _CHUNK_ROWS, min((m + 1) * _CHUNK_ROWS, rows)):
+        for n in range(*_chunk_rows(m, rows)):
             xr, rr, dr, ar = x[n], r[n], dv[n], ad[n]
             for j in range(x.shape[1]):
                 xr[j] += alpha * dr[j]
