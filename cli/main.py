@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from .options import SolverCommand
+
 EXIT_INPUT = 2
 EXIT_INTERNAL = 1
 
@@ -56,137 +58,6 @@ class VarregGroup(click.Group):
         sys.exit(0)
 
 
-class DefaultsCommand(click.Command):
-    """Fills ``{placeholders}`` in option help from ``varreg.register`` when help is shown (lazy import)."""
-
-    _filled = False
-
-    def _fill(self):
-        if self._filled:
-            return
-        fields = _solver_help_fields()
-        for p in self.params:
-            if isinstance(p, click.Option) and p.help and "{" in p.help:
-                p.help = p.help.format(**fields)
-            if isinstance(p, click.Option) and p.metavar and "{" in p.metavar:
-                p.metavar = p.metavar.format(**fields)
-        self._filled = True
-
-    def format_help(self, ctx, formatter):
-        self._fill()
-        super().format_help(ctx, formatter)
-
-
-def _solver_help_fields() -> dict:
-    """Defaults of varreg.register for the help text: DEFAULTS per data term and the signature."""
-    import importlib
-    import inspect
-
-    R = importlib.import_module("varreg.registration")
-    from varreg.data_terms import DATA_TERMS
-    from varreg.denoisers import DENOISERS
-
-    sig = inspect.signature(R.register).parameters
-    out = {}
-
-    def show(v):
-        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-
-    for key in ("theta", "lam", "warps", "iterations", "denoiser_iterations", "refine", "refine_lam"):
-        out[key] = ", ".join(f"{show(v[key])} for {dt}" for dt, v in R.DEFAULTS.items())
-    out["denoiser_iterations"] += "".join(f"; {n} for {d}" for d, n in R.DENOISER_ITERATIONS.items())
-    for key in ("data_term", "denoiser", "levels", "scale", "min_size", "device", "normalise"):
-        d = sig[key].default
-        out[key] = "all (down to --min-size)" if (key == "levels" and d is None) else d
-    out["data_terms"] = "|".join(sorted(DATA_TERMS))
-    out["denoisers"] = "|".join([*DENOISERS, "unet"])
-    return out
-
-
-def _solver_kwargs(data_term, denoiser, theta, lam, warps, iterations, denoiser_iterations, levels, scale,
-                   min_size, normalise, device, ckpt=None, refine=None, refine_denoiser=None, refine_lam=None,
-                   precision=None) -> dict:
-    """Options left unset are None so that varreg.register applies its own (per-data-term) defaults."""
-    return dict(data_term=data_term, denoiser=denoiser, theta=theta, lam=lam, warps=warps, iterations=iterations,
-                denoiser_iterations=denoiser_iterations, levels=levels, scale=scale, min_size=min_size,
-                normalise=normalise, device=device, checkpoint=ckpt, refine=refine,
-                refine_denoiser=refine_denoiser, refine_lam=refine_lam, precision=precision)
-
-
-class _Counts(click.ParamType):
-    """``N`` or ``N1,N2,...`` (one count per pyramid level, finest first): an int or a tuple of ints."""
-
-    name = "counts"
-
-    def __init__(self, minimum: int):
-        self.minimum = minimum
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, tuple)):
-            return value
-        try:
-            vals = tuple(int(v) for v in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not N or N1,N2,... (integers, one per pyramid level, finest first)", param, ctx)
-        if any(v < self.minimum for v in vals):
-            self.fail(f"{value!r}: counts must be >= {self.minimum}", param, ctx)
-        return vals[0] if len(vals) == 1 else vals
-
-
-_pos_float = click.FloatRange(min=0, min_open=True)
-_pos_int = click.IntRange(min=1)
-
-
-def solver_options(f):
-    """The knobs of varreg.register, defaults read from varreg.register (shown by --help)."""
-    opts = [
-        click.option("--data-term", metavar="{data_terms}", default=None,
-                     help="Data term: l1 (robust, |I1(x+u) - I0|) or l2 (squared differences). Default: {data_term}."),
-        click.option("--denoiser", metavar="NAME", default=None,
-                     help="Regulariser solved in the denoising step: {denoisers} (unet: VR-Net, needs --ckpt). "
-                          "Default: {denoiser}."),
-        click.option("--ckpt", metavar="PATH", default=None,
-                     help="VR-Net checkpoint for --denoiser unet (the package ships "
-                          "varreg_learned/checkpoints/vrnet2d_acdc.pt, 2-D, for --slices or 2-D images)."),
-        click.option("--refine", type=_Counts(0), default=None, metavar="N[,N...]",
-                     help="Further warps with --refine-denoiser after each level's --warps: N at the finest "
-                          "level, or one count per level, finest first (0: none). After VR-Net: N warps at "
-                          "full resolution (default 0; ACDC val, N=5: 0.873 -> 0.882). Default: {refine}."),
-        click.option("--refine-denoiser", metavar="NAME", default=None,
-                     help="Denoiser of the --refine warps: quadratic (default: the remaining correction is "
-                          "smooth; best Dice on ACDC), tgv, tv, or another of {denoisers}."),
-        click.option("--refine-lam", type=_pos_float, default=None, metavar="X",
-                     help="Regularisation weight λ of the --refine warps. Default: {refine_lam}."),
-        click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
-                     help="With --denoiser unet: arithmetic of the U-Nets. auto (default): bfloat16 on CPUs "
-                          "that compute it in hardware (about 1.3x faster, same Dice on ACDC), else float32."),
-        click.option("--theta", type=_pos_float, default=None, metavar="X",
-                     help="Splitting penalty θ (intensities scaled to [0, 1]). Default: {theta} (varreg.DEFAULTS)."),
-        click.option("--lam", type=_pos_float, default=None, metavar="X",
-                     help="Regularisation weight λ; larger is smoother. Default: {lam} (varreg.DEFAULTS)."),
-        click.option("--warps", type=_Counts(1), default=None, metavar="N[,N...]",
-                     help="Gauss-Newton warps per pyramid level: N for all, or one count per level, finest "
-                          "first (the last also for the coarser levels). Default: {warps}."),
-        click.option("--iterations", type=_pos_int, default=None, metavar="N",
-                     help="Splitting iterations per warp. Default: {iterations}."),
-        click.option("--denoiser-iterations", type=_pos_int, default=None, metavar="N",
-                     help="Inner steps of the denoiser per call. Default: {denoiser_iterations}."),
-        click.option("--levels", type=_pos_int, default=None, metavar="N",
-                     help="Pyramid levels. Default: {levels}."),
-        click.option("--scale", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="X",
-                     help="Shrink factor between pyramid levels (0.5 halves; 0.8 helps large motions). Default: {scale}."),
-        click.option("--min-size", type=_pos_int, default=None, metavar="N",
-                     help="Smallest axis length (voxels) of the coarsest level. Default: {min_size}."),
-        click.option("--normalise/--no-normalise", default=None,
-                     help="Scale the pair jointly to [0, 1] first (the defaults of θ, λ assume it). Default: {normalise}."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default=None,
-                     help="auto: a GPU when CuPy can use one, else the CPU. Default: {device}."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
@@ -207,7 +78,7 @@ def main():
     """
 
 
-@main.command(cls=DefaultsCommand, context_settings=CONTEXT)
+@main.command(cls=SolverCommand, context_settings=CONTEXT)
 @click.argument("fixed", metavar="FIXED")
 @click.argument("moving", metavar="MOVING")
 @click.option("-o", "--outdir", required=True, metavar="OUTDIR",
@@ -237,15 +108,12 @@ def main():
               help="Initial displacement: a displacement.nii.gz on the fixed grid (as written by this command).")
 @click.option("--isotropic", is_flag=True,
               help="Ignore the voxel sizes in the regulariser (treat voxels as cubes); outputs stay in mm.")
-@solver_options
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
               help="CPU threads of the solver's kernels. Default: numba's (all cores, or NUMBA_NUM_THREADS).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs (default: refuse, write nothing).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary line (errors still go to stderr).")
 def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, slices, frame, fixed_frame,
-             moving_frame, initial, isotropic, data_term, denoiser, ckpt, refine, refine_denoiser, refine_lam,
-             precision, theta, lam, warps, iterations, denoiser_iterations, levels, scale, min_size, normalise, device,
-             threads, force, quiet):
+             moving_frame, initial, isotropic, threads, force, quiet, **solver):
     """Register MOVING onto FIXED (NIfTI, or 2-D PNG/TIFF/NPY) in physical space.
 
     \b
@@ -260,7 +128,9 @@ def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, s
       warped.<ext>          for PNG/TIFF inputs, in the input's format
 
     The voxel sizes of FIXED (from its affine) reach the solver; images are
-    read with their affine (orientation, spacing, origin).
+    read with their affine (orientation, spacing, origin). The solver flags
+    below are the fields of varreg.SolverOptions (classical) and, with
+    --denoiser unet, varreg_learned.VRNetOptions (VR-Net).
     """
     import time
 
@@ -270,10 +140,7 @@ def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, s
     pipeline.run_register(
         fixed, moving, outdir, fixed_labels=fixed_labels, moving_labels=moving_labels, qc=qc, resample=resample,
         slices=slices, frame=frame, fixed_frame=fixed_frame, moving_frame=moving_frame, force=force, quiet=quiet,
-        isotropic=isotropic, initial=initial, t0=t0, threads=threads,
-        solver=_solver_kwargs(data_term, denoiser, theta, lam, warps, iterations, denoiser_iterations, levels,
-                              scale, min_size, normalise, device, ckpt, refine, refine_denoiser, refine_lam,
-                              precision),
+        isotropic=isotropic, initial=initial, t0=t0, threads=threads, solver=solver,
     )
 
 

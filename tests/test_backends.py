@@ -7,9 +7,15 @@ one convention (pull-back, linear, border replicated; order 0 rounds half up).
 import array_api_strict as xs
 import numpy as np
 import pytest
-import torch
 
 from varreg import backend, data_terms, denoisers, engine, resample, synthetic
+
+
+try:
+    import torch
+except ImportError:  # the learned extra is optional: the torch cases skip
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="torch (the learned extra) is not installed")
 
 
 def _pair(shape, seed=0):
@@ -30,6 +36,7 @@ def _solve(f, m, u, term, den, ndim):
     return engine.solve(f, m, u, data_term=term, denoiser=den, theta=0.3, lam=0.1, n_warps=3, n_iters=4, ndim=ndim)
 
 
+@needs_torch
 @pytest.mark.parametrize("shape", [(40, 36), (12, 14, 10)])
 @pytest.mark.parametrize("name,make_term,make_den", CASES, ids=[c[0] for c in CASES])
 def test_solve_array_api_strict_and_torch_match_numpy(shape, name, make_term, make_den):
@@ -48,6 +55,7 @@ def test_solve_array_api_strict_and_torch_match_numpy(shape, name, make_term, ma
     np.testing.assert_allclose(tt.numpy(), ref, rtol=0, atol=1e-4)
 
 
+@needs_torch
 def test_solve_on_batched_torch_tensors_matches_each_item():
     f, m, u = _pair((32, 28))
     f2, m2, _ = _pair((32, 28), seed=1)
@@ -70,6 +78,7 @@ def _image_and_displacement(shape, seed, *, half=False):
     return img, u
 
 
+@needs_torch
 @pytest.mark.parametrize("shape", [(37, 29), (2, 11), (9, 8, 7)])
 def test_warp_numpy_and_torch_agree(shape):
     img, u = _image_and_displacement(shape, seed=len(shape), half=True)
@@ -87,6 +96,7 @@ def test_warp_numpy_and_torch_agree(shape):
                                   resample.warp(img, u, order=0))
 
 
+@needs_torch
 @pytest.mark.parametrize("shape", [(17, 13), (6, 7, 5)])
 def test_batched_torch_warp_equals_per_item_numpy(shape):
     ndim = len(shape)
@@ -121,6 +131,7 @@ def _linear_field(shape, coeffs, offset):
     return offset.reshape(-1, *([1] * len(shape))) + np.tensordot(coeffs, grid, axes=1)
 
 
+@needs_torch
 @pytest.mark.parametrize("old,new", [((20, 31), (39, 16)), ((9, 12, 7), (17, 6, 13))])
 def test_resize_displacement_of_a_linear_field_is_exact(old, new):
     ndim = len(old)

@@ -15,6 +15,8 @@ import pytest
 from click.testing import CliRunner
 from scipy import ndimage
 
+from varreg.options import FIELDS
+from varreg_cli.outputs import OutputSet
 import varreg
 from varreg import io as vio
 from varreg import metrics as M
@@ -93,18 +95,21 @@ def test_top_level_help_does_not_import_the_solver():
         assert cmd in res.stdout
 
 
-def test_register_help_shows_the_api_defaults():
-    import importlib
+def test_register_help_shows_the_option_dataclasses():
+    """Every solver flag is a field of SolverOptions or VRNetOptions, with its help and its default."""
+    from varreg.data_terms import DATA_TERMS
+    from varreg.options import FIELDS
+    from varreg_learned.options import FIELDS as VRNET_FIELDS
 
-    R = importlib.import_module("varreg.registration")
     text = " ".join(run("register", "--help").stdout.split())
-    def show(v):  # per-level schedules are written as on the command line
-        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-
-    for key in ("theta", "lam", "warps", "iterations", "denoiser_iterations", "refine", "refine_lam"):
-        expected = ", ".join(f"{show(v[key])} for {dt}" for dt, v in R.DEFAULTS.items())
+    for name, f in {**VRNET_FIELDS, **FIELDS}.items():  # shared names (normalise, device): the classical help
+        assert "--" + name.replace("_", "-") in text, name
+        assert " ".join(f.metadata["help"].split()) in text, name
+    for key in ("theta", "lam", "refine_lam"):
+        expected = ", ".join(f"{getattr(cls.weights, key)} for {dt}" for dt, cls in DATA_TERMS.items())
         assert expected in text, key
-    assert f"Default: {R.DEFAULT_SCALE}" in text and f"Default: {R.DEFAULT_MIN_SIZE}" in text
+    assert "Default: 2,5." in text and "Default: 10,30." in text and "Default: 0.6." in text
+    assert "5 for tgv" in text and "--ckpt" in text and "Default: the data term's refine_lam" in text
     for word in ("mm", "--slices", "--resample", "--frame", "--force", "--quiet", "--device", "--qc"):
         assert word in text
 
@@ -131,9 +136,10 @@ def test_options_reach_the_api_and_unset_ones_stay_api_defaults(tmp_path, spied_
     run("register", f, m, "-o", tmp_path / "o", "--data-term", "l2", "--lam", "0.01", "--warps", "2",
         "--device", "cpu", "-q")
     (kw,) = calls
-    assert kw["data_term"] == "l2" and kw["lam"] == 0.01 and kw["warps"] == 2 and kw["device"] == "cpu"
+    o = kw["options"]
+    assert o.data_term == "l2" and o.lam == 0.01 and o.warps == 2 and o.device == "cpu"
     for unset in ("theta", "iterations", "denoiser_iterations", "levels", "scale", "min_size", "normalise"):
-        assert unset not in kw  # the API applies its own (per-data-term) default
+        assert getattr(o, unset) == FIELDS[unset].default  # the library's own (per-data-term) default
     assert kw["spacing"] == pytest.approx((1.5, 1.2))  # anisotropic voxel sizes from the affine
 
 
@@ -141,9 +147,13 @@ def test_per_level_schedules_reach_the_api_as_tuples(tmp_path, spied_pair):
     calls, f, m = spied_pair
     run("register", f, m, "-o", tmp_path / "o", "--warps", "2,4", "--refine", "0,6", "--refine-lam", "0.02", "-q")
     (kw,) = calls
-    assert kw["warps"] == (2, 4) and kw["refine"] == (0, 6) and kw["refine_lam"] == 0.02
-    for extra, message in ((["--refine", "0", "--refine-denoiser", "tgv"], "give --refine N too"),
-                           (["--refine", "0", "--refine-lam", "0.1"], "give --refine N too"),
+    o = kw["options"]
+    assert o.warps == (2, 4) and o.refine == (0, 6) and o.refine_lam == 0.02
+    for extra, message in ((["--refine-denoiser", "bm3d"], "--refine-denoiser: refine_denoiser must be one of"),
+                           (["--data-term", "ncc"], "--data-term: unknown data_term 'ncc'"),
+                           (["--denoiser", "bm3d"], "--denoiser: unknown denoiser 'bm3d'"),
+                           (["--device", "tpu"], "--device: device must be one of"),
+                           (["--post-warps", "2"], "--post-warps: goes with --denoiser unet"),
                            (["--refine", "2,x"], "not N or N1,N2"),
                            (["--warps", "2,0"], "counts must be >= 1")):
         res = run("register", f, m, "-o", tmp_path / "o2", *extra, ok=False)
@@ -281,20 +291,6 @@ def test_plain_png_pair(tmp_path):
     assert np.abs(p.fixed * 255 - w).mean() < 0.7 * before
 
 
-def test_fast_surface_distances_equal_varreg_metrics():
-    from varreg_cli.pipeline import hd_pair
-
-    rng = np.random.default_rng(0)
-    for shape, sp in (((30, 26), (1.5, 0.7)), ((16, 14, 6), (1.2, 1.2, 5.0))):
-        a = (ndimage.gaussian_filter(rng.standard_normal(shape), 2) > 0.1).astype(np.uint8) * 2
-        b = (ndimage.gaussian_filter(rng.standard_normal(shape), 2) > 0.1).astype(np.uint8) * 2
-        a[(0,) * len(shape)] = 2  # a mask voxel on the grid's corner
-        hd, h95 = hd_pair(a, b, 2, sp)
-        assert hd == pytest.approx(M.hausdorff(a, b, 2, spacing=sp))
-        assert h95 == pytest.approx(M.hd95(a, b, 2, spacing=sp))
-    assert np.isinf(hd_pair(a, np.zeros_like(a), 2, sp)[0]) and np.isnan(hd_pair(a * 0, a * 0, 2, sp)[1])
-
-
 # --------------------------------------------------------------------------- apply, evaluate
 def test_apply_reproduces_register_outputs(tmp_path, reg3d):
     out = reg3d["out"]
@@ -395,7 +391,7 @@ def test_failure_while_writing_leaves_no_file(tmp_path, reg3d, monkeypatch):
     def boom(self, obj, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(vio.OutputSet, "save_json", boom)
+    monkeypatch.setattr(OutputSet, "save_json", boom)
     res = run("register", reg3d["fixed"], reg3d["moving"], "-o", tmp_path / "o", "--fixed-labels",
               reg3d["fixed_labels"], "--moving-labels", reg3d["moving_labels"], *FAST, ok=False)
     assert res.exit_code != 0 and "disk full" in res.stderr and "Traceback" not in res.stderr

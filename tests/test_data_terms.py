@@ -13,6 +13,7 @@ import pytest
 from scipy.optimize import minimize
 
 from varreg import data_terms, denoisers
+from varreg.data_terms import Linearised
 from varreg.differences import divergence, forward_difference, laplacian
 
 
@@ -33,7 +34,8 @@ def _l1_objective(u, v, g, rho0, theta):
 
 def _steps(term, v, g, rho0, gg, theta):
     """The step through the numba kernel (unbatched) and through the generic code (a batch axis of 1)."""
-    return term.step(v, g, rho0, gg, theta), term.step(v[None], g[None], rho0[None], gg[None], theta)[0]
+    lin, lin1 = Linearised(None, g, rho0, gg), Linearised(None, g[None], rho0[None], gg[None])
+    return term.step(v, lin, theta), term.step(v[None], lin1, theta)[0]
 
 
 @pytest.mark.parametrize("shape,theta", [((12, 14), 0.4), ((5, 6, 6), 1.7)])
@@ -77,13 +79,13 @@ def test_l1_default_eps_changes_the_objective_by_at_most_eps_over_theta():
     theta = 0.3
     exact = data_terms.L1(eps=0.0)
     default = data_terms.L1()
-    u0 = exact.step(v, g, rho0, np.sum(g * g, axis=0), theta)
-    u1 = default.step(v, g, rho0, np.sum(g * g, axis=0) + default.eps, theta)
+    u0 = exact.step(v, Linearised(None, g, rho0, np.sum(g * g, axis=0)), theta)
+    u1 = default.step(v, Linearised(None, g, rho0, np.sum(g * g, axis=0) + default.eps), theta)
     f = lambda u: _l1_objective(u.reshape(2, -1), v.reshape(2, -1), g.reshape(2, -1), rho0.reshape(-1), theta)
     assert np.all(f(u1) - f(u0) <= default.eps / theta + 1e-12)
     # a flat image (g = 0): no division by zero, u = v
     z = np.zeros_like(g)
-    np.testing.assert_array_equal(default.step(v, z, rho0, np.sum(z * z, axis=0) + default.eps, theta), v)
+    np.testing.assert_array_equal(default.step(v, Linearised(None, z, rho0, np.sum(z * z, axis=0) + default.eps), theta), v)
 
 
 @pytest.mark.parametrize("shape,theta", [((11, 13), 0.05), ((11, 13), 2.0), ((4, 5, 6), 0.3)])

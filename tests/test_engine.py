@@ -11,7 +11,10 @@ from scipy import ndimage
 
 import varreg
 from varreg import data_terms, denoisers, engine, synthetic
+from varreg.data_terms import L1
 from varreg.metrics import endpoint_error
+
+L1W = L1.weights  # the L1 defaults
 
 AMPLITUDE = 2.5  # peak displacement, voxels
 MARGIN = 8  # voxels cropped from every side where stated
@@ -54,7 +57,7 @@ def test_register_2d_l1_defaults_recovers_the_field(pair2d):
     epe = endpoint_error(u, truth)  # whole grid, no crop (measured ~0.12 px; 0.05 with refine=0)
     assert epe < 0.3, f"2-D L1 EPE {epe:.3f} px"
     assert np.abs(res.warped - fixed).mean() < 0.2 * np.abs(moving - fixed).mean()
-    assert res.info["data_term"] == "l1" and res.info["theta"] == varreg.DEFAULTS["l1"]["theta"]
+    assert res.info["data_term"] == "l1" and res.info["theta"] == L1W.theta
 
 
 def test_refine_is_further_warps_at_the_finest_level(pair2d):
@@ -64,10 +67,10 @@ def test_refine_is_further_warps_at_the_finest_level(pair2d):
     base = varreg.register(fixed, moving, refine=0)
     res = varreg.register(fixed, moving, refine=3)
     again = varreg.register(fixed, moving, initial=base.displacement, levels=1, warps=3, denoiser="quadratic",
-                            lam=varreg.DEFAULTS["l1"]["refine_lam"], refine=0)
+                            lam=L1W.refine_lam, refine=0)
     np.testing.assert_allclose(res.displacement, again.displacement, atol=1e-5)
     assert res.info["refine"][0] == 3 and not any(res.info["refine"][1:])
-    assert res.info["refine_denoiser"] == "quadratic" and res.info["refine_lam"] == varreg.DEFAULTS["l1"]["refine_lam"]
+    assert res.info["refine_denoiser"] == "quadratic" and res.info["refine_lam"] == L1W.refine_lam
     assert base.info["refine_denoiser"] is None and not any(base.info["refine"])
     tgv = varreg.register(fixed, moving, refine=3, refine_denoiser="tgv")
     assert np.abs(tgv.displacement - res.displacement).max() > 1e-3
@@ -81,10 +84,10 @@ def test_refinement_regularises_in_voxel_units_whatever_the_spacing():
     base = varreg.register(fixed, moving, spacing=sp, refine=0)
     res = varreg.register(fixed, moving, spacing=sp, refine=2)
     again = varreg.register(fixed, moving, initial=base.displacement, levels=1, warps=2, denoiser="quadratic",
-                            lam=varreg.DEFAULTS["l1"]["refine_lam"], refine=0)
+                            lam=L1W.refine_lam, refine=0)
     np.testing.assert_allclose(res.displacement, again.displacement, atol=1e-5)
     scaled = varreg.register(fixed, moving, initial=base.displacement, levels=1, warps=2, denoiser="quadratic",
-                             lam=varreg.DEFAULTS["l1"]["refine_lam"], refine=0, spacing=sp)
+                             lam=L1W.refine_lam, refine=0, spacing=sp)
     assert np.abs(scaled.displacement - res.displacement).max() > 1e-3
 
 
@@ -123,7 +126,7 @@ def test_register_2d_tgv_recovers_the_field(pair2d):
     """TGV (fused 2-D kernel, 5 primal-dual steps a call by default) on the same pair."""
     fixed, moving, truth = pair2d
     res = varreg.register(fixed, moving, denoiser="tgv")
-    assert res.info["denoiser_iterations"] == varreg.registration.DENOISER_ITERATIONS["tgv"]
+    assert res.info["denoiser_iterations"] == varreg.denoisers.TGV.default_iterations
     epe = endpoint_error(res.displacement, truth)  # whole grid (measured ~0.12 px)
     assert epe < 0.3, f"2-D L1-TGV EPE {epe:.3f} px"
 
@@ -142,7 +145,7 @@ def test_register_3d_defaults_recovers_the_field(pair3d):
     assert u.shape == (3, 64, 64, 64) and np.isfinite(u).all()
     epe_all = endpoint_error(u, truth)
     epe = endpoint_error(_crop(u), _crop(truth))  # 8-voxel margin cropped
-    # measured with DEFAULTS['l1']: ~0.30 px over the whole grid, ~0.22 px without the margin
+    # measured with the L1 defaults: ~0.30 px over the whole grid, ~0.22 px without the margin
     assert epe_all < 0.5, f"3-D EPE {epe:.3f} px (cropped), {epe_all:.3f} (whole grid)"
 
 
@@ -172,7 +175,7 @@ def test_plain_function_denoiser_runs_through_register(pair2d):
 
     res = varreg.register(fixed, moving, denoiser=gaussian)
     assert calls and all(t is np.ndarray and s[0] == 2 and len(s) == 3 and d == np.float32 for t, s, d, _ in calls)
-    th, lam = varreg.DEFAULTS["l1"]["theta"], varreg.DEFAULTS["l1"]["lam"]
+    th, lam = L1W.theta, L1W.lam
     assert all(isinstance(w, float) and w == pytest.approx(lam / th) for *_, w in calls)
     assert calls[-1][1] == (2, 256, 256)
     assert res.info["denoiser"] == "gaussian"
@@ -186,12 +189,17 @@ def test_plain_function_denoiser_runs_through_register(pair2d):
 class _Recorder:
     """A data term wrapper that records the theta of every cascade."""
 
-    def __init__(self, term):
-        self.term, self.eps, self.thetas = term, term.eps, []
+    name, weights = "recorder", None
 
-    def step(self, v, g, rho0, gg, theta):
+    def __init__(self, term):
+        self.term, self.thetas = term, []
+
+    def linearise(self, fixed, moving, u, ndim):
+        return self.term.linearise(fixed, moving, u, ndim)
+
+    def step(self, v, lin, theta):
         self.thetas.append(theta)
-        return self.term.step(v, g, rho0, gg, theta)
+        return self.term.step(v, lin, theta)
 
 
 class _CountingDenoiser:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from varreg_cli.outputs import OutputSet
 import varreg
 from varreg import io as vio
 from geometry_helpers import interior
@@ -158,11 +159,16 @@ def test_load_nifti_keeps_affine_and_spacing(tmp_path):
 def test_load_4d_needs_frame(tmp_path):
     arr = np.stack([smooth((8, 8, 4), s) for s in range(3)], axis=-1)
     p = save(tmp_path / "cine.nii.gz", arr)
-    with pytest.raises(vio.InputError, match=r"--frame N \(0\.\.2\)"):
+    with pytest.raises(vio.InputError, match=r"choose one frame \(0\.\.2\)") as err:
         vio.load_image(p)
+    assert err.value.option == "frame"  # the library names the argument; the command line names its flag
     np.testing.assert_array_equal(vio.load_image(p, frame=2).data, arr[..., 2])
     with pytest.raises(vio.InputError, match="out of range"):
         vio.load_image(p, frame=3)
+    from varreg_cli.pipeline import load_image
+
+    with pytest.raises(vio.InputError, match=r"choose one frame with --frame N \(0\.\.2\)"):
+        load_image(p)
 
 
 def test_labels_integral_floats_pass_others_fail(tmp_path):
@@ -232,15 +238,15 @@ def test_truncated_gzip_detected(tmp_path):
 def test_output_set_is_all_or_nothing(tmp_path):
     out = tmp_path / "new" / "deeper"
     with pytest.raises(RuntimeError):
-        with vio.OutputSet() as outs:
+        with OutputSet() as outs:
             outs.plan(out / "a.json")
             outs.save_json({"a": 1}, out / "a.json")
             raise RuntimeError("interrupted")
     assert not (tmp_path / "new").exists()  # created folders removed again, no temporary files left
     (tmp_path / "x.json").write_text("old")
     with pytest.raises(vio.InputError, match="--force"):
-        vio.OutputSet().plan(tmp_path / "x.json")
-    with vio.OutputSet(force=True) as outs:
+        OutputSet().plan(tmp_path / "x.json")
+    with OutputSet(force=True) as outs:
         outs.plan(tmp_path / "x.json")
         outs.save_json({"new": True}, tmp_path / "x.json")
         assert (tmp_path / "x.json").read_text() == "old"  # not replaced before commit

@@ -284,15 +284,18 @@ def test_register_learned(tmp_path):
     assert isinstance(res, varreg.RegistrationResult)
     assert isinstance(res.displacement, np.ndarray) and res.displacement.shape == (2, 24, 24)
     assert res.displacement.dtype == np.float32 and res.warped.shape == (24, 24)
-    assert res.info["method"] == "vrnet" and res.info["checkpoint_steps"] == 3 and res.info["refine"] == 0
-    ref = register_learned(fixed, moving, path, refine=1, iterations=3)
+    assert res.info["method"] == "vrnet" and res.info["checkpoint_steps"] == 3 and res.info["post_warps"] == 0
+    ref = register_learned(fixed, moving, path, post_warps=1, post_solver=varreg.SolverOptions(iterations=3))
     assert ref.displacement.shape == (2, 24, 24) and ref.info["warps"] == (1,) and ref.info["levels"] == 1
     assert not np.allclose(ref.displacement, res.displacement)
     assert torch.get_num_threads() == 1  # the classical refinement does not leave numba's thread count behind
-    with pytest.raises(TypeError, match="refine=0"):
+    assert ref.info["iterations"] == 3 and ref.info["post_options"]["iterations"] == 3
+    with pytest.raises(ValueError, match="post_solver= sets the post warps, and there are none"):
+        register_learned(fixed, moving, path, post_solver=varreg.SolverOptions(iterations=3))
+    with pytest.raises(ValueError, match="post_warps must be a non-negative integer"):
+        register_learned(fixed, moving, path, post_warps=-1)
+    with pytest.raises(TypeError, match="unknown VR-Net option"):
         register_learned(fixed, moving, path, iterations=3)
-    with pytest.raises(ValueError, match="refine"):
-        register_learned(fixed, moving, path, refine=-1)
 
 
 def test_shipped_checkpoint_loads_and_registers():
@@ -340,7 +343,7 @@ def test_shipped_checkpoints_register_real_validation_slices():
     before = mean_dice(lambda f, m: np.zeros((2, *f.shape), np.float32))
     classical = mean_dice(lambda f, m: varreg.register(f, m).displacement)
     scores = {p.name: (mean_dice(lambda f, m, p=p: register_learned(f, m, p).displacement),
-                       mean_dice(lambda f, m, p=p: register_learned(f, m, p, refine=5).displacement))
+                       mean_dice(lambda f, m, p=p: register_learned(f, m, p, post_warps=5).displacement))
               for p in sorted(ckpts.glob("*.pt"))}
     # measured (two of the hardest val patients): before 0.455, classical defaults 0.764 (0.708 with the
     # pre-refinement defaults); vrnet2d_acdc 0.809 / refined 0.828; unsupervised 0.717 / 0.753

@@ -276,3 +276,23 @@ def test_label_metrics_bundle():
     assert m["hd95"][1] <= m["hd"][1]
     m2 = label_metrics(a, b, labels=[5])
     assert math.isnan(m2["dice"][5]) and math.isnan(m2["hd"][5]) and math.isnan(m2["hd95"][5])
+
+
+def test_hausdorff_on_the_bounding_box_equals_the_whole_grid():
+    """The distances are computed on the masks' bounding box (plus one voxel): equal to a whole-grid brute
+    force (surfaces by erosion, distance transforms of the full grid), masks touching the grid's corner included."""
+    from varreg.metrics import _surface
+
+    rng = np.random.default_rng(0)
+    for shape, sp in (((30, 26), (1.5, 0.7)), ((16, 14, 6), (1.2, 1.2, 5.0))):
+        a = (ndimage.gaussian_filter(rng.standard_normal(shape), 2) > 0.1).astype(np.uint8) * 2
+        b = (ndimage.gaussian_filter(rng.standard_normal(shape), 2) > 0.1).astype(np.uint8) * 2
+        a[(0,) * len(shape)] = 2  # a mask voxel on the grid's corner
+        sa, sb = _surface(a == 2), _surface(b == 2)
+        d = np.concatenate([ndimage.distance_transform_edt(~sb, sampling=sp)[sa],
+                            ndimage.distance_transform_edt(~sa, sampling=sp)[sb]])
+        assert hausdorff(a, b, 2, spacing=sp) == d.max()
+        assert hd95(a, b, 2, spacing=sp) == np.percentile(d, 95)
+        lm = label_metrics(a, b, spacing=sp)
+        assert lm["hd"][2] == d.max() and lm["hd95"][2] == np.percentile(d, 95)
+    assert np.isinf(hausdorff(a, np.zeros_like(a), 2)) and np.isnan(hd95(a * 0, a * 0, 2))

@@ -40,9 +40,13 @@ def test_register_rejects_bad_pairs(img, name, make, exc, match):
 
 BAD_OPTIONS = [
     (dict(data_term="ncc"), ValueError, r"unknown data_term 'ncc'; choose one of \['l1', 'l2'\]"),
-    (dict(data_term=42), TypeError, r"data_term must be 'l1', 'l2' or an object"),
+    (dict(data_term=42), ValueError, r"data_term must be one of \['l1', 'l2'\] or an object"),
     (dict(denoiser="bm3d"), ValueError, r"unknown denoiser 'bm3d'; choose one of"),
-    (dict(denoiser=3.0), TypeError, r"denoiser must be a name or a callable"),
+    (dict(denoiser=3.0), ValueError, r"denoiser must be a name or a callable"),
+    (dict(denoiser="unet"), ValueError, r"denoiser 'unet' is VR-Net, which lives in varreg_learned"),
+    (dict(refine_denoiser="bm3d"), ValueError, r"refine_denoiser must be one of"),
+    (dict(refine=-1), ValueError, r"refine must be a non-negative integer"),
+    (dict(checkpoint="x.pt"), TypeError, r"unknown solver option\(s\) checkpoint"),
     (dict(theta=0), ValueError, r"theta must be a positive finite number, got 0"),
     (dict(theta=-0.5), ValueError, r"theta must be a positive finite number"),
     (dict(theta=float("inf")), ValueError, r"theta must be a positive finite number"),

@@ -1,4 +1,4 @@
-"""VR-Net through the classical entry points: varreg.register(denoiser="unet") and `varreg register --denoiser unet`."""
+"""VR-Net through the command line (`varreg register --denoiser unet --ckpt F`) and register_learned's options."""
 from pathlib import Path
 
 import nibabel as nib
@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+pytest.importorskip("torch")  # VR-Net: the learned extra
+
 import varreg
 import varreg_learned
 from varreg.phantom import demo_pair
 from varreg_cli.main import main
 from varreg_learned.inference import load_model, register_learned
 from varreg_learned.model import UNet, resolve_precision
+from varreg_learned.options import VRNetOptions
 
 CKPT = Path(varreg_learned.__file__).parent / "checkpoints" / "vrnet2d_acdc.pt"
 
@@ -22,50 +25,66 @@ def _pair(shape=(48, 40)):
     return fixed, np.roll(fixed, 2, axis=0)
 
 
-def test_register_unet_is_vrnet_with_refinement():
+def test_varreg_does_not_know_vrnet():
+    """The classical package names VR-Net only to say where it lives; the command line selects it."""
     fixed, moving = _pair()
-    res = varreg.register(fixed, moving, denoiser="unet", checkpoint=CKPT, refine=2)
-    ref = register_learned(fixed, moving, CKPT, refine=2)
-    np.testing.assert_allclose(res.displacement, ref.displacement, atol=1e-5)
-    assert res.info["method"] == "vrnet" and res.info["refine"] == 2
+    with pytest.raises(ValueError, match="denoiser 'unet' is VR-Net, which lives in varreg_learned"):
+        varreg.register(fixed, moving, denoiser="unet")
+    with pytest.raises(TypeError, match="unknown solver option"):
+        varreg.register(fixed, moving, checkpoint=CKPT)
 
 
-def test_register_unet_refines_with_the_chosen_denoiser():
+def test_cli_method_is_register_learned_with_post_warps():
+    """--denoiser unet --ckpt F --post-warps N is register_learned with the checkpoint bound."""
+    from varreg_cli.options import method_from_flags
+
     fixed, moving = _pair()
-    res = varreg.register(fixed, moving, denoiser="unet", checkpoint=CKPT, refine=2, refine_denoiser="tgv")
-    ref = register_learned(fixed, moving, CKPT, refine=2, denoiser="tgv")
-    np.testing.assert_allclose(res.displacement, ref.displacement, atol=1e-5)
-    assert res.info["refine_options"]["denoiser"] == "tgv"
-    default = varreg.register(fixed, moving, denoiser="unet", checkpoint=CKPT, refine=2)
-    assert default.info["refine_options"]["denoiser"] == "quadratic"
-    assert np.abs(default.displacement - res.displacement).max() > 1e-4  # the choice reaches the warps
-    # register_learned's refinement takes the same default
-    ref = register_learned(fixed, moving, CKPT, refine=2)
-    np.testing.assert_allclose(default.displacement, ref.displacement, atol=1e-5)
+    method, _ = method_from_flags(dict(denoiser="unet", checkpoint=str(CKPT), post_warps=2))
+    res = method(fixed, moving, spacing=None, initial=None)
+    ref = register_learned(fixed, moving, CKPT, post_warps=2)
+    np.testing.assert_array_equal(res.displacement, ref.displacement)
+    assert res.info["method"] == "vrnet" and res.info["post_warps"] == 2
+
+
+def test_post_warps_use_the_chosen_denoiser():
+    fixed, moving = _pair()
+    tgv = register_learned(fixed, moving, CKPT, post_warps=2, post_denoiser="tgv")
+    default = register_learned(fixed, moving, CKPT, post_warps=2)
+    assert tgv.info["post_options"]["denoiser"] == "tgv"
+    assert default.info["post_options"]["denoiser"] == "quadratic" == VRNetOptions().post_denoiser
+    assert np.abs(default.displacement - tgv.displacement).max() > 1e-4  # the choice reaches the warps
+    # the post warps are the classical solver from the network's field: theta and refine_lam of the data term
+    alone = register_learned(fixed, moving, CKPT)
+    w = varreg.data_terms.L1.weights
+    same = varreg.register(fixed, moving, initial=alone.displacement, levels=1, warps=2, refine=0,
+                           denoiser="quadratic", theta=w.theta, lam=w.refine_lam, device="cpu")
+    np.testing.assert_array_equal(default.displacement, same.displacement)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(denoiser="unet"), "needs checkpoint"),
-    (dict(denoiser="unet", checkpoint=CKPT, initial=np.zeros((2, 48, 40), np.float32)), "initial= is not taken"),
-    (dict(checkpoint=CKPT), "go with denoiser='unet'"),
-    (dict(refine=-1), "refine must be a non-negative integer"),
-    (dict(refine=1, refine_denoiser="bm3d"), "refine_denoiser must be one of"),
-    (dict(precision="bfloat16"), "go with denoiser='unet'"),
-    (dict(denoiser="unet", checkpoint=CKPT, precision="float16"), "precision must be one of"),
-    (dict(denoiser="unet", checkpoint=CKPT, refine=1, refine_denoiser="bm3d"), "refine_denoiser must be one of"),
+    (dict(initial=np.zeros((2, 48, 40), np.float32)), "initial= is not taken"),
+    (dict(post_warps=-1), "post_warps must be a non-negative integer"),
+    (dict(post_warps=1, post_denoiser="bm3d"), "post_denoiser must be one of"),
+    (dict(precision="float16"), "precision must be one of"),
+    (dict(post_lam=0.0), "post_lam must be a positive finite number"),
 ])
-def test_register_unet_option_errors(kwargs, message):
+def test_register_learned_option_errors(kwargs, message):
     fixed, moving = _pair()
     with pytest.raises(ValueError, match=message):
-        varreg.register(fixed, moving, **kwargs)
+        register_learned(fixed, moving, CKPT, **kwargs)
+
+
+def test_register_learned_needs_an_existing_checkpoint(tmp_path):
+    fixed, moving = _pair()
+    with pytest.raises(ValueError, match="checkpoint file not found"):
+        register_learned(fixed, moving, tmp_path / "missing.pt")
 
 
 def test_bfloat16_unets_match_float32():
     """bfloat16 U-Nets (autocast) move the phantom's field by a few hundredths of a pixel
     at most; the setting reaches the networks and is undone after the call."""
     pair = demo_pair((96, 96))
-    res = {p: varreg.register(pair.fixed, pair.moving, denoiser="unet", checkpoint=CKPT, precision=p)
-           for p in ("float32", "bfloat16")}
+    res = {p: register_learned(pair.fixed, pair.moving, CKPT, precision=p) for p in ("float32", "bfloat16")}
     a, b = (res[p].displacement for p in ("float32", "bfloat16"))
     diff = np.abs(a - b)
     assert 0 < diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
@@ -86,7 +105,7 @@ def test_resolve_precision():
 def test_register_unet_refuses_3d_with_a_2d_checkpoint():
     vol = np.random.default_rng(0).random((8, 24, 24)).astype(np.float32)
     with pytest.raises(ValueError, match="2-D"):
-        varreg.register(vol, vol, denoiser="unet", checkpoint=CKPT)
+        register_learned(vol, vol, CKPT)
 
 
 def test_cli_register_slices_with_unet(tmp_path):
@@ -101,16 +120,18 @@ def test_cli_register_slices_with_unet(tmp_path):
     assert (out / "warped.nii.gz").is_file() and (out / "displacement.nii.gz").is_file()
     r = CliRunner().invoke(main, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
                                   str(tmp_path / "o2"), "--denoiser", "unet"])
-    assert r.exit_code == 2 and "needs --ckpt" in r.output
+    assert r.exit_code == 2 and "--ckpt: VR-Net needs a checkpoint" in r.output, r.output
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
-    # --refine-denoiser: runs with --refine, and is refused without it or with an unknown name
+    # --post-denoiser runs with --post-warps; classical flags are refused with VR-Net, VR-Net flags without it
     base = ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--slices", "--denoiser", "unet",
             "--ckpt", str(CKPT), "--quiet", "-o"]
-    r = CliRunner().invoke(main, base + [str(tmp_path / "o3"), "--refine", "1", "--refine-denoiser", "tgv"])
+    r = CliRunner().invoke(main, base + [str(tmp_path / "o3"), "--post-warps", "1", "--post-denoiser", "tgv"])
     assert r.exit_code == 0, r.output
-    for extra, message in ((["--refine-denoiser", "tgv"], "give --refine N too"),
-                           (["--refine", "2,3"], "takes one count N"),
-                           (["--refine", "1", "--refine-denoiser", "bm3d"], "unknown denoiser 'bm3d'"),
+    for extra, message in ((["--refine", "2"], "--refine: is a classical solver option; it does not apply to "
+                                               "--denoiser unet"),
+                           (["--theta", "0.2"], "--theta: is a classical solver option"),
+                           (["--initial", "u.nii.gz"], "--initial: goes with the classical solver"),
+                           (["--post-warps", "1", "--post-denoiser", "bm3d"], "post_denoiser must be one of"),
                            (["--precision", "fp16"], "'fp16' is not one of")):
         r = CliRunner().invoke(main, base + [str(tmp_path / "o4"), *extra])
         assert r.exit_code == 2 and message in r.output, r.output
@@ -120,4 +141,4 @@ def test_cli_register_slices_with_unet(tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--slices",
                                   "--precision", "bfloat16", "-o", str(tmp_path / "o6")])
-    assert r.exit_code == 2 and "--precision: " in r.output and "go with --denoiser unet" in r.output, r.output
+    assert r.exit_code == 2 and "--precision: " in r.output and "goes with --denoiser unet" in r.output, r.output

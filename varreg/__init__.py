@@ -1,15 +1,19 @@
 """varreg: variational deformable image registration on one iteration engine.
 
-Public API: :func:`register`, :func:`warp`, :mod:`varreg.metrics`; the
-building blocks for new regularisers are in :mod:`varreg.engine`,
-:mod:`varreg.data_terms` and :mod:`varreg.denoisers`.
+Public API: :func:`register`, :func:`register_slices`, :func:`register_images`,
+:func:`warp`, :class:`SolverOptions` (every option, documented once) and
+:mod:`varreg.metrics`. New regularisers and data terms plug into
+:mod:`varreg.engine` (protocols), :mod:`varreg.denoisers` and
+:mod:`varreg.data_terms`; docs/architecture.md shows where everything lives.
 """
 from . import backend, data_terms, denoisers, engine, metrics, synthetic  # noqa: F401  (public submodules)
-from .registration import DEFAULTS, RegistrationResult, register, register_slices
+from .options import OptionError, SolverOptions
+from .registration import RegistrationResult, register, register_images, register_slices
 from .resample import warp as _warp_any
 
 __version__ = "0.1.0"
-__all__ = ["register", "register_slices", "warp", "RegistrationResult", "DEFAULTS", "__version__"]
+__all__ = ["register", "register_slices", "register_images", "warp", "RegistrationResult", "SolverOptions",
+           "OptionError", "__version__"]
 
 
 def warp(image, displacement, order: int = 1):

@@ -13,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LABELS", "SPLITS", "Case", "patients", "load_case", "slice_pairs"]
+__all__ = ["LABELS", "TABLE_ORDER", "SPLITS", "Case", "patients", "load_case", "all_present", "slice_pairs",
+           "score_pair"]
 
+#: label value -> structure name
 LABELS = {1: "RV", 2: "Myo", 3: "LV"}
+#: the column order of the paper's tables (LV, Myo, RV)
+TABLE_ORDER = (3, 2, 1)
 SPLITS = {"train": {1, 2, 3}, "val": {4}, "all": {0, 1, 2, 3, 4}}
 
 
@@ -63,6 +67,11 @@ def load_case(root, patient: str) -> Case:
     return Case(patient, ed, es, ed_gt, es_gt, spacing)
 
 
+def all_present(fixed_labels, moving_labels, labels=LABELS) -> bool:
+    """The protocol's rule for a slice: every one of ``labels`` is present in both label maps."""
+    return bool(labels) and all(bool((fixed_labels == k).any()) and bool((moving_labels == k).any()) for k in labels)
+
+
 def slice_pairs(case: Case):
     """The paper's 2D protocol: slice indices where LV, Myo and RV are present in both phases.
 
@@ -70,5 +79,26 @@ def slice_pairs(case: Case):
     """
     for z in range(case.ed.shape[2]):
         a, b = case.ed_gt[..., z], case.es_gt[..., z]
-        if all((a == k).any() and (b == k).any() for k in LABELS):
+        if all_present(a, b):
             yield z, case.ed[..., z], case.es[..., z], a, b
+
+
+def score_pair(fixed_labels, moving_labels, u, *, spacing=None, labels=TABLE_ORDER) -> dict:
+    """The protocol's metrics of one registered pair (2-D slices or 3-D volumes).
+
+    ``moving_labels`` are warped by ``u`` (``(ndim, *fixed_labels.shape)``, voxels,
+    pull-back) with nearest neighbour and compared with ``fixed_labels``.
+
+    Returns ``{"dice": {label: float}, "hd": {...}, "hd95": {...}, "fold_pct": %
+    det(I + grad u) <= 0, "jgrad": mean |grad det| per voxel}``; distances in the
+    units of ``spacing`` (voxels when None), ``inf`` for a structure warped away.
+    """
+    from . import metrics
+    from .resample import warp
+
+    u = np.asarray(u)
+    warped = warp(np.asarray(moving_labels), u, order=0)
+    out = metrics.label_metrics(fixed_labels, warped, labels=list(labels), spacing=spacing)
+    out["fold_pct"] = 100.0 * metrics.folding_fraction(u)
+    out["jgrad"] = metrics.jacobian_gradient_magnitude(u)
+    return out

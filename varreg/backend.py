@@ -25,6 +25,9 @@ __all__ = [
     "resolve_device",
     "to_device",
     "to_numpy",
+    "spatial_ndim",
+    "host_float",
+    "takes_kernel",
 ]
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -104,3 +107,35 @@ def to_numpy(array) -> np.ndarray:
     if mod.startswith("torch"):
         return array.detach().cpu().numpy()
     return np.asarray(array)
+
+
+def spatial_ndim(u, like=None) -> int:
+    """The number of spatial axes (2 or 3) of a displacement ``u`` of shape ``(*batch, ndim, *spatial)``.
+
+    With ``like`` (an image or a point-wise field ``(*batch, *spatial)``), its
+    spatial and batch axes must be those of ``u``; a ``ValueError`` otherwise.
+    """
+    for k in (3, 2):
+        if u.ndim < k + 1 or u.shape[u.ndim - k - 1] != k:
+            continue
+        if like is None:
+            return k
+        if (tuple(like.shape[like.ndim - k:]) == tuple(u.shape[u.ndim - k:])
+                and tuple(like.shape[: like.ndim - k]) == tuple(u.shape[: u.ndim - k - 1])):
+            return k
+    fit = "" if like is None else f" does not fit an array of shape {tuple(like.shape)}"
+    raise ValueError(f"displacement of shape {tuple(u.shape)}{fit}: expected (ndim, *spatial) with ndim 2 or 3")
+
+
+def host_float(x):
+    """A NumPy scalar or 0-d NumPy array as a Python float (NumPy would promote float32 data to
+    its float64 dtype, and a Python float selects the fused kernels); anything else (a tensor) as is."""
+    if isinstance(x, (np.generic, np.ndarray)) and np.ndim(x) == 0:
+        return float(x)
+    return x
+
+
+def takes_kernel(u, ndim: int, *scalars) -> bool:
+    """Whether a numba kernel of :mod:`varreg.kernels` takes this call: an unbatched NumPy field
+    ``(ndim, *spatial)`` (or image) and Python-number parameters (no tensors)."""
+    return isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not any(hasattr(s, "shape") for s in scalars)

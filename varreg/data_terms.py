@@ -6,6 +6,10 @@ u-step minimises, independently at every voxel,
 
     (1/s) |rho(u)|^s + (theta / 2) |v - u|^2 .
 
+A data term (the :class:`varreg.engine.DataTerm` protocol) owns its
+linearisation and its step; L1 and L2 share the linearisation of the
+intensity difference (:func:`linearise`), held in a :class:`Linearised`.
+
 * s = 1 (:func:`l1_step`, paper eq. 5 / appendix 1): thresholding,
   ``u = v - g * z / (max(|z|, 1) theta)`` with ``z = theta rho(v) / (|g|^2 + eps)``.
 * s = 2 (:func:`l2_step`, paper eqs. 15-17 / appendix 2): Sherman-Morrison,
@@ -14,20 +18,38 @@ u-step minimises, independently at every voxel,
 
 Shapes: ``v``, ``g`` are ``(..., ndim, *spatial)``; ``rho0``, ``gg`` are
 ``(..., *spatial)``. ``theta`` may be a Python float or a 0-d tensor (VR-Net
-learns it). The numba path (:mod:`varreg.kernels`) is used for unbatched NumPy
-arrays.
+learns it). The numba kernels (:func:`varreg.kernels.warp_gradient`,
+:func:`varreg.kernels.data_step`) take unbatched NumPy arrays; the array-API
+code here is their reference.
+
+A new data term is a class here with ``name``, ``weights``, ``linearise`` and
+``step``, added to :data:`DATA_TERMS`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import is_numpy, namespace
+from .backend import host_float, is_numpy, namespace, spatial_ndim, takes_kernel
 from .differences import central_gradient
+from .engine import Weights
 from .resample import warp
 
-__all__ = ["linearise", "l1_step", "l2_step", "L1", "L2", "DATA_TERMS", "make_data_term"]
+__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "L1", "L2", "DATA_TERMS", "make_data_term"]
+
+
+class Linearised(NamedTuple):
+    """The intensity difference linearised around ``u_w``: ``rho(u) = rho0 + g.u``.
+
+    ``warped``, ``rho0``, ``gg``: ``(*batch, *spatial)``; ``g``: ``(*batch, ndim, *spatial)``.
+    """
+
+    warped: Any
+    g: Any
+    rho0: Any
+    gg: Any
 
 
 def linearise(fixed, moving, u, ndim: int, eps: float):
@@ -49,18 +71,6 @@ def linearise(fixed, moving, u, ndim: int, eps: float):
     return warped, g, rho0, gg
 
 
-def _as_float(theta):
-    """A NumPy scalar or 0-d NumPy array as a Python float: NumPy would promote float32 data to its
-    (float64) dtype, and a Python float also selects the fused kernel. Tensors are left alone."""
-    if isinstance(theta, (np.generic, np.ndarray)) and np.ndim(theta) == 0:
-        return float(theta)
-    return theta
-
-
-def _fused(v, ndim):
-    return isinstance(v, np.ndarray) and is_numpy(namespace(v)) and v.ndim == ndim + 1
-
-
 def l1_step(v, g, rho0, gg, theta):
     """Minimiser of ``|rho(u)| + theta/2 |v - u|^2`` (paper eq. 5); ``gg = |g|^2 + eps``."""
     return _pointwise_step(v, g, rho0, gg, theta, l1=True)
@@ -73,9 +83,9 @@ def l2_step(v, g, rho0, gg, theta):
 
 def _pointwise_step(v, g, rho0, gg, theta, *, l1: bool):
     """``u = v - s g`` with the step ``s`` of the L1 (thresholding) or L2 (Sherman-Morrison) u-step."""
-    theta = _as_float(theta)
-    ndim = _nd(v, rho0)
-    if _fused(v, ndim) and not hasattr(theta, "shape"):
+    theta = host_float(theta)
+    ndim = spatial_ndim(v, like=rho0)
+    if takes_kernel(v, ndim, theta):
         from . import kernels
 
         return kernels.data_step(v, g, rho0, gg, float(theta), l1)
@@ -90,23 +100,19 @@ def _pointwise_step(v, g, rho0, gg, theta, *, l1: bool):
     return v - xp.expand_dims(s, axis=caxis) * g
 
 
-def _nd(v, rho0) -> int:
-    """Spatial dimension: ``v`` is ``(*batch, ndim, *spatial)``, ``rho0`` is ``(*batch, *spatial)``."""
-    for k in (2, 3):
-        if v.ndim >= k + 1 and v.shape[v.ndim - k - 1] == k and tuple(v.shape[v.ndim - k:]) == tuple(rho0.shape[rho0.ndim - k:]):
-            return k
-    raise ValueError(f"displacement of shape {tuple(v.shape)} does not fit data of shape {tuple(rho0.shape)}")
-
-
 @dataclass(frozen=True)
 class L1:
     """L1 data term (s = 1), robust to outliers. ``eps`` keeps flat regions finite."""
 
     eps: float = 1e-6
     name = "l1"
+    weights = Weights(theta=0.1, lam=0.1, refine_lam=0.04)
 
-    def step(self, v, g, rho0, gg, theta):
-        return l1_step(v, g, rho0, gg, theta)
+    def linearise(self, fixed, moving, u, ndim: int) -> Linearised:
+        return Linearised(*linearise(fixed, moving, u, ndim, self.eps))
+
+    def step(self, v, lin: Linearised, theta):
+        return l1_step(v, lin.g, lin.rho0, lin.gg, theta)
 
 
 @dataclass(frozen=True)
@@ -115,21 +121,26 @@ class L2:
 
     eps: float = 0.0
     name = "l2"
+    weights = Weights(theta=0.004, lam=0.04, refine_lam=0.004)
 
-    def step(self, v, g, rho0, gg, theta):
-        return l2_step(v, g, rho0, gg, theta)
+    def linearise(self, fixed, moving, u, ndim: int) -> Linearised:
+        return Linearised(*linearise(fixed, moving, u, ndim, self.eps))
+
+    def step(self, v, lin: Linearised, theta):
+        return l2_step(v, lin.g, lin.rho0, lin.gg, theta)
 
 
 DATA_TERMS = {"l1": L1, "l2": L2}
 
 
 def make_data_term(spec):
-    """``"l1"``, ``"l2"`` or an object with ``eps`` and ``step(v, g, rho0, gg, theta)``."""
+    """A name in :data:`DATA_TERMS` or an object following :class:`varreg.engine.DataTerm`."""
     if isinstance(spec, str):
         try:
             return DATA_TERMS[spec.lower()]()
         except KeyError:
             raise ValueError(f"unknown data_term {spec!r}; choose one of {sorted(DATA_TERMS)}") from None
-    if not (hasattr(spec, "step") and hasattr(spec, "eps")):
-        raise TypeError("data_term must be 'l1', 'l2' or an object with .eps and .step(v, g, rho0, gg, theta)")
+    if not (callable(getattr(spec, "linearise", None)) and callable(getattr(spec, "step", None))):
+        raise TypeError(f"data_term must be one of {sorted(DATA_TERMS)} or an object with "
+                        ".linearise(fixed, moving, u, ndim) and .step(v, lin, theta) (varreg.engine.DataTerm)")
     return spec

@@ -6,14 +6,16 @@ problem
 
     v = argmin_v  R(v) + |v - u|^2 / (2 weight),     weight = lambda / theta.
 
-Plug-in protocol
-----------------
+Plug-in protocol (:class:`varreg.engine.Denoiser`)
+---------------------------------------------------
 A denoiser is any callable ``denoiser(u, weight) -> v`` where ``u`` and ``v``
 are displacements of shape ``(ndim, *spatial)`` (or ``(*batch, ndim, *spatial)``
 on torch), in voxel units, on the array's own backend, and ``weight`` is the
 positive float above. That is all a plain function needs. An object may also
 define ``reset()``, which the engine calls at the start of every pyramid level,
 to drop warm-start state (the TV family keeps its dual variable between calls).
+A new built-in regulariser is a class here, added to :data:`DENOISERS`; its
+``default_iterations`` is the step count the solver gives it per call.
 
 Built-in: :class:`TV` (ROF by Chambolle's dual projection, per component or
 vectorial), :class:`Huber` (Huber-ROF), :class:`TGV` (second-order total
@@ -26,30 +28,10 @@ from __future__ import annotations
 import numpy as np
 from array_api_compat import device as array_device
 
-from .backend import namespace
+from .backend import host_float, namespace, spatial_ndim, takes_kernel
 from .differences import _take, divergence, forward_difference, laplacian
 
-__all__ = ["TV", "Huber", "TGV", "Quadratic", "DENOISERS", "make_denoiser"]
-
-
-def _spatial_ndim(u) -> int:
-    # (ndim, *spatial) or (*batch, ndim, *spatial): ndim sits just before the spatial axes
-    for k in (3, 2):
-        if u.ndim >= k + 1 and u.shape[u.ndim - k - 1] == k:
-            return k
-    raise ValueError(f"expected a displacement of shape (ndim, *spatial), got {tuple(u.shape)}")
-
-
-def _as_float(weight):
-    """A NumPy scalar or 0-d NumPy array as a Python float (NumPy would promote float32 fields to float64)."""
-    if isinstance(weight, (np.generic, np.ndarray)) and np.ndim(weight) == 0:
-        return float(weight)
-    return weight
-
-
-def _fused(u, ndim: int, weight) -> bool:
-    """Whether the numba kernels take this call: a NumPy field ``(d, *spatial)`` and a scalar weight."""
-    return isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not hasattr(weight, "shape")
+__all__ = ["TV", "VectorialTV", "Huber", "TGV", "Quadratic", "DENOISERS", "make_denoiser"]
 
 
 class TV:
@@ -61,16 +43,18 @@ class TV:
 
     Parameters
     ----------
-    n_iter : dual steps per call.
+    n_iter : dual steps per call (default :attr:`default_iterations`).
     coupled : False for the TV of each component (TV-L1 of Zach et al.),
-        True for the vectorial TV that couples the components.
+        True for the vectorial TV that couples the components (:class:`VectorialTV`).
     spacing : relative grid step per axis (anisotropic voxels), default 1.
     tau : dual step; default ``0.99 / (2 sum 1/h^2)``, the convergence bound.
     """
 
     alpha = 0.0
+    default_iterations = 2
 
-    def __init__(self, n_iter: int = 5, *, coupled: bool = False, spacing=None, tau: float | None = None):
+    def __init__(self, n_iter: int | None = None, *, coupled: bool = False, spacing=None, tau: float | None = None):
+        n_iter = self.default_iterations if n_iter is None else n_iter
         if n_iter < 1:
             raise ValueError(f"n_iter must be >= 1, got {n_iter}")
         self.n_iter = int(n_iter)
@@ -88,15 +72,15 @@ class TV:
         return 0.99 / (2.0 * sum(1.0 / h**2 for h in spacing))
 
     def __call__(self, u, weight):
-        weight = _as_float(weight)
-        ndim = _spatial_ndim(u)
+        weight = host_float(weight)
+        ndim = spatial_ndim(u)
         spacing = self.spacing or (1.0,) * ndim
         xp = namespace(u)
         shape = (*u.shape[: u.ndim - ndim], ndim, *u.shape[u.ndim - ndim:])
         if self._p is None or tuple(self._p.shape) != shape or namespace(self._p) is not xp:
             self._p = xp.zeros(shape, dtype=u.dtype, device=array_device(u))
         tau = self._tau(ndim, spacing)
-        if _fused(u, ndim, weight):
+        if takes_kernel(u, ndim, weight):
             from . import kernels
 
             return kernels.tv_dual(np.ascontiguousarray(u), self._p, float(weight), tau, self.alpha, self.n_iter, spacing, self.coupled)
@@ -111,7 +95,7 @@ def tv_dual_steps(u, p, weight, tau, alpha, n_iter, spacing, coupled):
     Returns ``(v, p)``.
     """
     xp = namespace(u, p)
-    ndim = _spatial_ndim(u)
+    ndim = spatial_ndim(u)
     h = tuple(spacing)
     step = tau / weight
     shrink = 1.0 / (1.0 + tau * alpha / weight)
@@ -127,6 +111,13 @@ def tv_dual_steps(u, p, weight, tau, alpha, n_iter, spacing, coupled):
     return v, p
 
 
+class VectorialTV(TV):
+    """Vectorial TV, ``R(v) = |grad v|_F``: :class:`TV` with the components coupled."""
+
+    def __init__(self, n_iter: int | None = None, *, spacing=None, tau: float | None = None):
+        super().__init__(n_iter, coupled=True, spacing=spacing, tau=tau)
+
+
 class Huber(TV):
     """Huber-ROF denoiser: TV with the corner rounded off, quadratic below ``alpha``.
 
@@ -136,7 +127,8 @@ class Huber(TV):
     staircasing of TV. ``alpha`` is in voxel units of displacement per voxel.
     """
 
-    def __init__(self, alpha: float = 0.05, n_iter: int = 5, *, coupled: bool = False, spacing=None, tau=None):
+    def __init__(self, alpha: float = 0.05, n_iter: int | None = None, *, coupled: bool = False, spacing=None,
+                 tau=None):
         super().__init__(n_iter, coupled=coupled, spacing=spacing, tau=tau)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -163,14 +155,18 @@ class TGV:
     ----------
     beta : weight of the second-order term relative to the first (``alpha0 /
         alpha1`` in Bredies et al.), in voxels; larger is closer to TV.
-    n_iter : primal-dual steps per call.
+    n_iter : primal-dual steps per call (default :attr:`default_iterations`: with
+        few steps per call TGV lags behind the warps more than TV does).
     spacing : relative grid step per axis, default 1.
     ratio : split of the step between primal and dual, ``tau = step / ratio``,
         ``sigma = step * ratio`` (``tau sigma |K|^2 <= 1`` holds for any ratio).
         With few steps per call it changes the result, like a weight.
     """
 
-    def __init__(self, beta: float = 2.0, n_iter: int = 5, *, spacing=None, ratio: float = 1.0):
+    default_iterations = 5
+
+    def __init__(self, beta: float = 2.0, n_iter: int | None = None, *, spacing=None, ratio: float = 1.0):
+        n_iter = self.default_iterations if n_iter is None else n_iter
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if n_iter < 1:
@@ -185,11 +181,11 @@ class TGV:
         self._state = None
 
     def __call__(self, u, weight):
-        weight = _as_float(weight)
-        ndim = _spatial_ndim(u)
+        weight = host_float(weight)
+        ndim = spatial_ndim(u)
         h = self.spacing or (1.0,) * ndim
         xp = namespace(u)
-        fused = _fused(u, ndim, weight)
+        fused = takes_kernel(u, ndim, weight)
         if fused:
             u = np.ascontiguousarray(u)
         st = self._state
@@ -263,7 +259,7 @@ def tgv_steps(u, state, weight, beta, tau, sigma, n_iter, spacing):
     for ``w``.
     """
     xp = namespace(u)
-    ndim = _spatial_ndim(u)
+    ndim = spatial_ndim(u)
     h = tuple(spacing)
     v, vb, w, wb, p, q = (state[k] for k in ("v", "vb", "w", "wb", "p", "q"))
     caxis = u.ndim - ndim  # component axis of p, w, q
@@ -288,10 +284,16 @@ class Quadratic:
     """Diffusion regulariser ``R(v) = |grad v|^2 / 2``: solves ``(I - weight Lap) v = u``.
 
     Conjugate gradients on the Neumann Laplacian, warm-started from the last
-    solution (dropped by :meth:`reset`); ``n_iter`` CG steps per call.
+    solution (dropped by :meth:`reset`); ``n_iter`` CG steps per call (default
+    :attr:`default_iterations`; warm starts across the warps make a few enough).
     """
 
-    def __init__(self, n_iter: int = 10, *, spacing=None, tol: float = 1e-6):
+    default_iterations = 2
+
+    def __init__(self, n_iter: int | None = None, *, spacing=None, tol: float = 1e-6):
+        n_iter = self.default_iterations if n_iter is None else n_iter
+        if n_iter < 1:
+            raise ValueError(f"n_iter must be >= 1, got {n_iter}")
         self.n_iter = int(n_iter)
         self.spacing = None if spacing is None else tuple(float(h) for h in spacing)
         self.tol = float(tol)
@@ -301,12 +303,12 @@ class Quadratic:
         self._v = None
 
     def __call__(self, u, weight):
-        weight = _as_float(weight)
-        ndim = _spatial_ndim(u)
+        weight = host_float(weight)
+        ndim = spatial_ndim(u)
         xp = namespace(u)
         h = self.spacing or (1.0,) * ndim
         warm = self._v is not None and tuple(self._v.shape) == tuple(u.shape) and namespace(self._v) is xp
-        if _fused(u, ndim, weight):
+        if takes_kernel(u, ndim, weight):
             from . import kernels
 
             u = np.ascontiguousarray(u)
@@ -337,20 +339,18 @@ class Quadratic:
         return x
 
 
-DENOISERS = {"tv": TV, "tv-vectorial": lambda **kw: TV(coupled=True, **kw), "huber": Huber, "tgv": TGV,
-             "quadratic": Quadratic}
+#: name -> class; ``cls(n_iter=None, spacing=...)`` builds one with its defaults
+DENOISERS = {"tv": TV, "tv-vectorial": VectorialTV, "huber": Huber, "tgv": TGV, "quadratic": Quadratic}
 
 
 def make_denoiser(spec, *, spacing=None, n_iter=None):
-    """A denoiser from a name in :data:`DENOISERS` or a callable following the protocol."""
+    """A denoiser from a name in :data:`DENOISERS` (``n_iter``: steps per call, ``None`` for the
+    class's ``default_iterations``) or a callable following the protocol (returned as is)."""
     if isinstance(spec, str):
         key = spec.lower()
         if key not in DENOISERS:
             raise ValueError(f"unknown denoiser {spec!r}; choose one of {sorted(DENOISERS)} or pass a callable")
-        kw = {"spacing": spacing}
-        if n_iter is not None:
-            kw["n_iter"] = n_iter
-        return DENOISERS[key](**kw)
+        return DENOISERS[key](n_iter=n_iter, spacing=spacing)
     if not callable(spec):
         raise TypeError(f"denoiser must be a name or a callable denoiser(u, weight) -> v, got {type(spec).__name__}")
     return spec

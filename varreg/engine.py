@@ -1,24 +1,91 @@
-"""Algorithm 1 of the paper, written once: Gauss-Newton warps around variable-splitting iterations.
+"""Algorithm 1 of the paper, written once: Gauss-Newton warps around variable-splitting iterations,
+and the two plug-in protocols it runs on, :class:`DataTerm` and :class:`Denoiser`.
 
 One scale of the solver (the coarse-to-fine driver lives in :mod:`varreg.pyramid`)::
 
-    for w in warps:                         # outer loop: warping layer (WL)
-        I1w, g = warp(I1, u_w), grad(I1w)   # linearise the data term around u_w
-        for k in iterations:                # inner loop, one "cascade" each
-            u = data_step(v, ...; theta_c)  # intensity-consistency layer (ICL)
-            v = denoiser_c(u, lam/theta_c)  # denoising layer (DL / GDL)
+    for w in warps:                              # outer loop: warping layer (WL)
+        lin = data_term.linearise(I0, I1, u_w)   # warp I1 by u_w, linearise the data term around u_w
+        for k in iterations:                     # inner loop, one "cascade" each
+            u = data_term.step(v, lin, theta_c)  # intensity-consistency layer (ICL), point-wise
+            v = denoiser_c(u, lam / theta_c)     # denoising layer (DL / GDL)
         u_w = v
 
 The same function serves the classical solver (NumPy with numba kernels, CuPy)
 and VR-Net (torch tensors, learned per-cascade ``theta`` and U-Net denoisers).
 The denoised ``v`` is both the next linearisation point and the result: it is
 the regularised field.
+
+Shapes and units
+----------------
+Images ``fixed`` (I0) and ``moving`` (I1) are ``(*batch, *spatial)`` with 2 or
+3 spatial axes (no batch axes for NumPy/CuPy, a leading batch axis for VR-Net's
+tensors). Displacements ``u``, ``v`` are ``(*batch, ndim, *spatial)`` in voxels of
+the fixed grid, pull-back: ``moving(x + u(x))`` is compared with ``fixed(x)``.
+Everything stays in the arrays' own namespace (NumPy, CuPy, torch).
 """
 from __future__ import annotations
 
-from .data_terms import linearise
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["solve"]
+__all__ = ["solve", "DataTerm", "Denoiser", "Weights"]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Default weights of a data term, for intensities scaled to [0, 1] (``normalise=True``).
+
+    theta : penalty of the splitting, ``theta/2 |u - v|^2``.
+    lam : weight of the regulariser of the pyramid's warps; the denoiser gets ``lam / theta``.
+    refine_lam : weight of the refinement warps (``refine`` in :class:`varreg.options.SolverOptions`).
+    """
+
+    theta: float
+    lam: float
+    refine_lam: float
+
+
+@runtime_checkable
+class DataTerm(Protocol):
+    """A similarity measure in the splitting: its linearisation and its point-wise u-step.
+
+    ``name``: a short name (recorded in the run information). ``weights``: its
+    default :class:`Weights`, or ``None`` (then ``theta`` and ``lam`` must be
+    given). The engine never looks inside the linearisation: a data term may
+    keep there whatever its step needs (the warped image, its gradient, local
+    statistics).
+    """
+
+    name: str
+    weights: Weights | None
+
+    def linearise(self, fixed, moving, u, ndim: int) -> Any:
+        """Warp ``moving`` by ``u`` and linearise the data term around ``u``.
+
+        ``fixed``, ``moving``: ``(*batch, *spatial)``; ``u``: ``(*batch, ndim, *spatial)``, voxels.
+        Returns an object that :meth:`step` takes.
+        """
+
+    def step(self, v, lin, theta):
+        """The u-step: ``argmin_u rho_lin(u) + theta/2 |v - u|^2``, point-wise, closed form.
+
+        ``v``: ``(*batch, ndim, *spatial)``, voxels; ``lin``: what :meth:`linearise` returned;
+        ``theta``: a positive float or a 0-d tensor. Returns ``u`` of the shape of ``v``.
+        """
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """The v-step: ``v = argmin_v R(v) + |v - u|^2 / (2 weight)``, ``weight = lam / theta``.
+
+    ``u`` and ``v`` are displacements ``(ndim, *spatial)`` (or ``(*batch, ndim,
+    *spatial)`` on torch) in voxels, on the array's own backend; ``weight`` is a
+    positive float (or a 0-d tensor). A plain function is a denoiser. An object
+    may also define ``reset()``, which :func:`solve` calls before its first
+    cascade (once per pyramid level), to drop warm-start state.
+    """
+
+    def __call__(self, u, weight): ...
 
 
 def _per_cascade(value, n: int, what: str):
@@ -32,16 +99,16 @@ def _per_cascade(value, n: int, what: str):
     return items
 
 
-def solve(fixed, moving, u, *, data_term, denoiser, theta, lam: float, n_warps: int, n_iters: int, ndim: int,
-          callback=None):
+def solve(fixed, moving, u, *, data_term: DataTerm, denoiser, theta, lam: float, n_warps: int, n_iters: int,
+          ndim: int, callback=None):
     """Run Algorithm 1 at one scale and return the displacement.
 
     Parameters
     ----------
     fixed, moving : arrays ``(*batch, *spatial)``, one backend.
     u : initial displacement ``(*batch, ndim, *spatial)``, voxel units.
-    data_term : object with ``eps`` and ``step(v, g, rho0, gg, theta)`` (:mod:`varreg.data_terms`).
-    denoiser : ``denoiser(u, weight) -> v``, or one per cascade (sequence of ``n_warps * n_iters``).
+    data_term : a :class:`DataTerm` (:mod:`varreg.data_terms`).
+    denoiser : a :class:`Denoiser`, or one per cascade (sequence of ``n_warps * n_iters``).
     theta : penalty weight ``theta > 0``, or one per cascade.
     lam : regularisation weight ``lambda``; the denoiser gets ``weight = lam / theta``.
     n_warps, n_iters : outer (Gauss-Newton) and inner (splitting) iteration counts.
@@ -61,10 +128,10 @@ def solve(fixed, moving, u, *, data_term, denoiser, theta, lam: float, n_warps: 
     v = u
     c = 0
     for w in range(n_warps):
-        _, g, rho0, gg = linearise(fixed, moving, v, ndim, data_term.eps)
+        lin = data_term.linearise(fixed, moving, v, ndim)
         for k in range(n_iters):
             th = thetas[c]
-            u = data_term.step(v, g, rho0, gg, th)
+            u = data_term.step(v, lin, th)
             v = denoisers[c](u, lam / th)
             if callback is not None:
                 callback(w, k, u, v)

@@ -23,14 +23,12 @@ Conventions
   slice gets a 2-D field ``(X, Y, 1, 1, 2)``, as ITK writes 2-D fields.
 
 Every problem with an input raises :class:`InputError` naming the file.
-Outputs go through :class:`OutputSet`: temporary file in the target folder,
-then ``os.replace``; nothing exists under the final names until every output
-is ready, and an existing file is replaced only with ``force``.
+Writing outputs (atomically, never over a user's file unless asked) is the
+command line's business: :class:`varreg_cli.outputs.OutputSet`.
 """
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +48,6 @@ __all__ = [
     "world_to_displacement",
     "displacement_nifti",
     "image_nifti",
-    "OutputSet",
     "split_ext",
     "NIFTI_EXTS",
     "PLAIN_EXTS",
@@ -64,11 +61,13 @@ _RAS_LPS = np.array([-1.0, -1.0, 1.0])
 
 
 class InputError(ValueError):
-    """A problem with one file: ``str(err)`` is ``"<path>: <problem>"``."""
+    """A problem with one file: ``str(err)`` is ``"<path>: <problem>"``; ``option`` names the
+    argument that would fix it (``"frame"``), if one does."""
 
-    def __init__(self, path, problem: str):
+    def __init__(self, path, problem: str, option: str | None = None):
         self.path = str(path)
         self.problem = problem
+        self.option = option
         super().__init__(f"{self.path}: {problem}")
 
 
@@ -135,7 +134,7 @@ def _check_readable(path) -> Path:
     return p
 
 
-def _short(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     msg = msg[:160]
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
@@ -147,11 +146,11 @@ def _read_nifti(path):
     try:
         img = nib.load(str(path))
     except Exception as exc:
-        raise InputError(path, f"cannot be read as NIfTI: corrupt or not a NIfTI file ({_short(exc)})") from None
+        raise InputError(path, f"cannot be read as NIfTI: corrupt or not a NIfTI file ({error_text(exc)})") from None
     try:
         arr = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated gzip (EOFError), bad gzip (zlib/OSError), short data (ValueError)
-        raise InputError(path, f"corrupt or truncated image data ({_short(exc)})") from None
+        raise InputError(path, f"corrupt or truncated image data ({error_text(exc)})") from None
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "has a singular or non-finite affine (voxel-to-world matrix) in its header")
@@ -163,7 +162,7 @@ def _read_plain(path, ext):
         try:
             arr = np.load(str(path), allow_pickle=False)
         except Exception as exc:
-            raise InputError(path, f"cannot be read as a .npy array ({_short(exc)})") from None
+            raise InputError(path, f"cannot be read as a .npy array ({error_text(exc)})") from None
         return arr, None
     try:
         from PIL import Image as PILImage
@@ -182,7 +181,7 @@ def _read_plain(path, ext):
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(path, f"cannot be read as a {ext[1:].upper()} image: corrupt or unsupported ({_short(exc)})") from None
+        raise InputError(path, f"cannot be read as a {ext[1:].upper()} image: corrupt or unsupported ({error_text(exc)})") from None
     if len(frames) == 1:
         return frames[0], None
     if frames[0].ndim != 2:
@@ -200,7 +199,7 @@ def _palette_labels(path, ext):
     return None
 
 
-def load_image(path, *, frame: int | None = None, labels: bool = False, frame_option: str = "--frame") -> Image:
+def load_image(path, *, frame: int | None = None, labels: bool = False) -> Image:
     """Read an image or a label map as an :class:`Image` (3-D array + affine).
 
     Parameters
@@ -210,7 +209,6 @@ def load_image(path, *, frame: int | None = None, labels: bool = False, frame_op
     frame : the frame of a 4-D series to take (0-based); ignored for 3-D images.
     labels : read a label map: values must be integers (integral floats pass),
         the data keep their stored dtype; otherwise intensities as float32.
-    frame_option : the option named in the message for a 4-D input.
 
     Raises
     ------
@@ -257,12 +255,14 @@ def load_image(path, *, frame: int | None = None, labels: bool = False, frame_op
     if arr.ndim == 4:
         n = arr.shape[3]
         if frame is None:
-            raise InputError(path, f"is a 4-D series of {n} frames (shape {shape}); choose one frame with {frame_option} N (0..{n - 1})")
+            raise InputError(path, f"is a 4-D series of {n} frames (shape {shape}); choose one frame (0..{n - 1})",
+                             option="frame")
         if not 0 <= frame < n:
-            raise InputError(path, f"has {n} frames; {frame_option} {frame} is out of range 0..{n - 1}")
+            raise InputError(path, f"has {n} frames; frame {frame} is out of range 0..{n - 1}", option="frame")
         arr = arr[..., frame]
     if arr.ndim > 3:
-        raise InputError(path, f"has {len(shape)} dimensions (shape {shape}); varreg reads 2-D and 3-D images, and 4-D series with {frame_option} N")
+        raise InputError(path, f"has {len(shape)} dimensions (shape {shape}); varreg reads 2-D and 3-D images, and "
+                               "4-D series (one frame of them)")
     if arr.ndim == 1:
         raise InputError(path, f"is 1-D (shape {shape}); varreg reads 2-D and 3-D images")
     if arr.ndim == 2:
@@ -448,151 +448,6 @@ def image_nifti(data, ref: Image, dtype=None):
     if hdr is None:
         _copy_geometry(img, None, ref.affine)
     return img
-
-
-# --------------------------------------------------------------------------- writing
-class OutputSet:
-    """Write a group of outputs atomically: all under their final names, or none.
-
-    ``plan(path)`` checks a final name (existing file and no ``force``: an
-    :class:`InputError`); ``stage(path)`` returns a temporary name in the same
-    folder with the same extension to write to; ``commit()`` renames every
-    staged file with ``os.replace``; leaving the ``with`` block by an exception
-    removes the temporary files (and the output folder if this set created it
-    and it is empty).
-    """
-
-    def __init__(self, force: bool = False, background: bool = True):
-        self.force = force
-        self._staged: list[tuple[str, str]] = []
-        self._created_dirs: list[str] = []
-        self._planned: list[str] = []
-        self._background = background
-        self._pool = None
-        self._jobs = []
-
-    def _submit(self, fn, *args):
-        """Run a writer (gzip compression releases the GIL) in one background thread; ``commit`` waits."""
-        if not self._background:
-            fn(*args)
-            return
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="varreg-write")
-        self._jobs.append(self._pool.submit(fn, *args))
-
-    def _wait(self, raise_errors: bool) -> None:
-        jobs, self._jobs = self._jobs, []
-        for job in jobs:
-            try:
-                job.result()
-            except BaseException:
-                if raise_errors:
-                    for other in jobs:
-                        other.cancel()
-                    raise
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def plan(self, path) -> str:
-        path = str(path)
-        if os.path.isdir(path):
-            raise InputError(path, "is a directory; give a file name for this output")
-        if os.path.lexists(path) and not self.force:
-            raise InputError(path, "exists already; pass --force to overwrite (nothing was written)")
-        if path in self._planned:
-            raise InputError(path, "is named for two outputs")
-        self._planned.append(path)
-        return path
-
-    def make_dir(self, folder) -> None:
-        folder = str(folder)
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise InputError(folder, "exists and is not a directory")
-        missing = []
-        d = os.path.abspath(folder)
-        while not os.path.exists(d):
-            missing.append(d)
-            d = os.path.dirname(d)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise InputError(folder, f"cannot create the output folder ({_short(exc)})") from None
-        self._created_dirs.extend(missing)  # deepest first
-
-    def stage(self, path) -> str:
-        path = str(path)
-        folder = os.path.dirname(path) or "."
-        if not os.path.isdir(folder):
-            self.make_dir(folder)
-        if not os.access(folder, os.W_OK):
-            raise InputError(folder, "the output folder is not writable")
-        _, ext = split_ext(path)
-        tmp = os.path.join(folder, f".{os.path.basename(path)[: -len(ext) or None]}.{secrets.token_hex(4)}.tmp{ext}")
-        self._staged.append((tmp, path))
-        return tmp
-
-    def commit(self) -> list[str]:
-        self._wait(raise_errors=True)
-        done = []
-        for tmp, final in self._staged:
-            os.replace(tmp, final)
-            done.append(final)
-        self._staged = []
-        return done
-
-    def abort(self) -> None:
-        self._wait(raise_errors=False)
-        for tmp, _ in self._staged:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-        self._staged = []
-        for d in self._created_dirs:
-            try:
-                os.rmdir(d)  # only if empty
-            except OSError:
-                pass
-        self._created_dirs = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
-
-    # convenience writers --------------------------------------------------
-    def save_nifti(self, img, path) -> None:
-        import nibabel as nib
-
-        self._submit(nib.save, img, self.stage(path))
-
-    def save_json(self, obj, path) -> None:
-        import json
-
-        with open(self.stage(path), "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-
-    def save_plain(self, array, path) -> None:
-        """A 2-D (or ``(H, W, C)`` colour) array as PNG/TIFF/JPEG/BMP, or any array as ``.npy``."""
-        _, ext = split_ext(path)
-        tmp = self.stage(path)
-        if ext == ".npy":
-            np.save(tmp, np.asarray(array))
-            return
-        from PIL import Image as PILImage
-
-        PILImage.fromarray(np.ascontiguousarray(array)).save(tmp)
-
-    def save_figure(self, fig, path, dpi=100) -> None:
-        _, ext = split_ext(path)
-        fig.savefig(self.stage(path), dpi=dpi, format=(ext[1:] or "png"))
 
 
 def to_plain_dtype(array, like_dtype, ext: str) -> np.ndarray:

@@ -1,9 +1,21 @@
 """Fused numba kernels for the CPU hot loop (NumPy arrays, float32 or float64).
 
 Each kernel does in one or two passes over memory what the generic array-API
-code in :mod:`varreg.differences`, :mod:`varreg.data_terms`,
-:mod:`varreg.denoisers` and :mod:`varreg.resample` does with many temporaries;
-``tests/test_kernels.py`` checks every kernel against that generic code.
+code does with many temporaries; that code is its reference, and
+``tests/test_kernels.py`` checks every kernel against it:
+
+=================  ==============================================================
+kernel             the operation it speeds up (and the only caller)
+=================  ==============================================================
+:func:`warp_linear`     :func:`varreg.resample.warp` (linear, unbatched NumPy)
+:func:`warp_gradient`   :func:`varreg.data_terms.linearise`
+:func:`data_step`       :func:`varreg.data_terms.l1_step` / :func:`~varreg.data_terms.l2_step`
+:func:`tv_dual`         :class:`varreg.denoisers.TV` / ``Huber`` (:func:`~varreg.denoisers.tv_dual_steps`)
+:func:`tgv_steps`       :class:`varreg.denoisers.TGV` (:func:`~varreg.denoisers.tgv_steps`)
+:func:`quadratic_cg`    :class:`varreg.denoisers.Quadratic` (its array-API CG)
+=================  ==============================================================
+
+This module imports nothing of varreg: the operations call it, never the reverse.
 
 Compiled on first use and cached on disk (``cache=True``); :func:`warm_up`
 compiles them ahead of time.
@@ -16,10 +28,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# Threading layer: numba's default choice (OpenMP here). The "workqueue" layer
-# ran the 2D ACDC solve three times slower (200 ms vs 66 ms a pair). Note for
-# torch users in the same process: the OpenMP layer shares its runtime with
-# torch, so set torch.set_num_threads again after the first classical solve.
+# Threading layer: numba's default choice (OpenMP here); the "workqueue" layer
+# was much slower on the 2-D ACDC solve (docs/bench.md, implementation notes).
+# Note for torch users in the same process: the OpenMP layer shares its runtime
+# with torch, so set torch.set_num_threads again after the first classical solve.
 
 __all__ = [
     "warp_linear",
@@ -222,8 +234,8 @@ def warp_gradient(moving: np.ndarray, fixed: np.ndarray, u: np.ndarray, eps: flo
 @njit(**_opts)
 def _data_step(v, g, rho0, gg, theta, l1, out):
     """The components are written out (``three`` and ``l1`` are loop-invariant, so LLVM
-    unswitches them): with an inner loop over a run-time ``d`` the pixel loop did not
-    vectorise and ran 3-6x slower, for the same values."""
+    unswitches them): with an inner loop over a run-time ``d`` the pixel loop does not
+    vectorise (docs/bench.md, implementation notes), for the same values."""
     d, n = v.shape
     three = d == 3
     inv_theta = 1.0 / theta
@@ -400,8 +412,8 @@ def _tgv2(u, v, vb, w, wb, p, q, mu, beta, tau, sigma, n_iter, hy, hx):
     # Inner loops shaped for LLVM's vectoriser: columns run in stretches whose difference
     # offsets and factors are loop-invariant (built inside the prange bodies: numba cannot
     # pass tuples into them) instead of clamped indices per column, and each loop updates
-    # one variable rather than all at once over ~15 row pointers. A step on 256x216 went
-    # from 0.64 to 0.55 ms (2 threads); the kernel is bound by memory traffic beyond that.
+    # one variable rather than all at once over ~15 row pointers (docs/bench.md, implementation
+    # notes); the kernel is bound by memory traffic beyond that.
     d, H, W = u.shape
     one, half, two, zero = np.float32(1.0), np.float32(0.5), np.float32(2.0), np.float32(0.0)
     t_mu = tau / mu
@@ -469,7 +481,7 @@ def _tgv2(u, v, vb, w, wb, p, q, mu, beta, tau, sigma, n_iter, hy, hx):
 @njit(**_opts)
 def _tgv3(u, v, vb, w, wb, p, q, mu, beta, tau, sigma, n_iter, hz, hy, hx):
     # Four sweeps per step (p, q, v, w) rather than two: one sweep over all ~40 row
-    # streams thrashed the cache on power-of-two volumes (64^3 ran 3x slower per voxel).
+    # streams thrashed the cache on power-of-two volumes (docs/bench.md, implementation notes).
     d, D, H, W = u.shape
     one, half, two, zero = np.float32(1.0), np.float32(0.5), np.float32(2.0), np.float32(0.0)
     t_mu = tau / mu
@@ -598,8 +610,8 @@ def _helmholtz(x, out, w, cz, cy, cx, cols, partial):
     differences.laplacian; ``cz``, ``cy``, ``cx``: 1/h^2); ``partial[m]`` gets
     ``sum(x * out)`` over rows ``[m * _CHUNK_ROWS, (m + 1) * _CHUNK_ROWS)`` (rows in C
     order), accumulated in ``cols[m]`` (zeros, ``(n_chunks, W)`` float64), so that the
-    caller's sum does not depend on threads. The row loops are written out here: as a
-    helper function called per row (not inlined) they ran 4x slower."""
+    caller's sum does not depend on threads. The row loops are written out here: a helper
+    function called per row is not inlined, and is much slower (docs/bench.md)."""
     d, D, H, W = x.shape
     rows = d * D * H
     zero = cx - cx
@@ -727,9 +739,9 @@ def warm_up() -> float:
         w, g, rho0, gg = warp_gradient(a, a, u, 1e-6)
         data_step(u, g, rho0, gg, 0.5, True)
         tv_dual(u, np.zeros((d, d, *shape), np.float32), 0.3, 0.2, 0.0, 1, (1.0,) * d, False)
-        from .denoisers import tgv_initial_state
-
-        tgv_steps(u, tgv_initial_state(u, d), 0.3, 2.0, 0.2, 0.2, 1, (1.0,) * d)
+        z = lambda k: np.zeros((d, k, *shape), np.float32)  # noqa: E731  (as denoisers.tgv_initial_state)
+        tgv_steps(u, dict(v=u.copy(), vb=u.copy(), w=z(d), wb=z(d), p=z(d), q=z(d * (d + 1) // 2)),
+                  0.3, 2.0, 0.2, 0.2, 1, (1.0,) * d)
         quadratic_cg(u + a, u.copy(), 0.3, 1, (1.0,) * d, 1e-6)
     return time.perf_counter() - t0
 

@@ -1,4 +1,11 @@
-"""The public entry point: :func:`register` and its result."""
+"""The public entry points: :func:`register`, :func:`register_slices`, :func:`register_images`.
+
+:func:`register` runs the classical solver on two arrays; :func:`register_slices`
+and :func:`register_images` (two :class:`varreg.io.Image` on one grid: 3-D, one
+2-D slice, or a stack slice by slice) take any *method* with the signature of
+:func:`register`, ``method(fixed, moving, *, spacing, initial) -> RegistrationResult``
+(VR-Net's :func:`varreg_learned.register_learned` with a checkpoint bound, say).
+"""
 from __future__ import annotations
 
 import time
@@ -8,41 +15,14 @@ import numpy as np
 
 from . import backend
 from .data_terms import make_data_term
-from .denoisers import DENOISERS, make_denoiser
+from .denoisers import make_denoiser
 from .engine import solve
+from .options import SolverOptions, at_level, weights_of
 from .pyramid import coarse_to_fine, level_shapes
 from .resample import warp as _warp
 
-__all__ = ["register", "register_slices", "RegistrationResult", "DEFAULTS", "validate_pair"]
-
-#: Default schedule and weights per data term, chosen on the ACDC *train* split
-#: (every 4th train patient, 102 slice pairs; benchmarks/tune_defaults.py prints the grid).
-#: theta: penalty of the splitting; lam: weight of the regulariser
-#: (the denoiser solves R(v) + |v - u|^2 / (2 lam / theta)).
-#: warps and refine are per pyramid level, finest first: at every level ``warps`` warps
-#: with the denoiser (TV), then ``refine`` warps with :data:`DEFAULT_REFINE_DENOISER`
-#: (quadratic) weighted by ``refine_lam``. For L1 that is a strongly regularised TV pyramid
-#: (lam 0.1) that settles the large motion without mapping one structure onto another,
-#: then 30 and 10 quadratic warps on the two finest levels that let the smooth expansion
-#: of a cavity spread into it: train 0.866 (TV alone, lam 0.04, 5 warps) -> 0.886. The same
-#: schedule for L2 (TV lam 0.04, i.e. weight 10): 0.848 (TV alone, lam 0.004, 5 warps) -> 0.884.
-DEFAULTS = {
-    "l1": dict(theta=0.1, lam=0.1, warps=(2, 5), iterations=3, denoiser_iterations=2, refine=(10, 30),
-               refine_lam=0.04),
-    "l2": dict(theta=0.004, lam=0.04, warps=(2, 5), iterations=3, denoiser_iterations=2, refine=(10, 30),
-               refine_lam=0.004),
-}
-#: Inner steps per call for denoisers that need more than the data term's default:
-#: TGV's primal-dual iteration. ACDC train split, every 4th patient (102 pairs), mean
-#: Dice with 2 / 3 / 5 steps: 0.860 / 0.870 / 0.875 (TV defaults: 0.866).
-DENOISER_ITERATIONS = {"tgv": 5}
-DEFAULT_SCALE = 0.6
-DEFAULT_MIN_SIZE = 16
-#: Denoiser of the refinement warps (``refine``, after the classical pyramid or VR-Net).
-#: After the network the remaining correction is small and smooth: with the shipped checkpoint and 5 warps,
-#: mean Dice on the ACDC train split (every 4th patient) quadratic 0.893, TGV 0.892,
-#: TV 0.886; on val 0.882 / 0.881 / 0.877, quadratic with the fewest folds (docs/vrnet.md).
-DEFAULT_REFINE_DENOISER = "quadratic"
+__all__ = ["register", "register_slices", "register_images", "RegistrationResult", "ImageRegistration",
+           "validate_pair", "normalise_pair", "registration_mode"]
 
 
 @dataclass
@@ -63,11 +43,12 @@ class RegistrationResult:
 
 
 def _as_array(name, a):
+    """``a`` as a NumPy array (CuPy arrays are kept); a ``TypeError`` naming ``name`` otherwise."""
     mod = type(a).__module__
     if mod.startswith("cupy"):
         return a
     if mod.startswith("torch"):
-        raise TypeError(f"{name}: torch tensors are not taken by varreg.register; pass a NumPy array (or use varreg_learned)")
+        raise TypeError(f"{name}: torch tensors are not taken by varreg.register; pass a NumPy or CuPy array")
     try:
         return np.asarray(a)
     except Exception as exc:
@@ -103,8 +84,10 @@ def validate_pair(fixed, moving):
     return fixed, moving
 
 
-def _normalise(fixed, moving, xp):
-    """Joint min-max scaling of the pair to [0, 1] (float32); a constant pair maps to zeros."""
+def normalise_pair(fixed, moving):
+    """Joint min-max scaling of the pair to [0, 1] as float32, on the arrays' own backend; a constant
+    pair maps to zeros. The defaults' weights assume it (``normalise=True``)."""
+    xp = backend.namespace(fixed, moving)
     f = xp.astype(fixed, xp.float32) if fixed.dtype != xp.float32 else fixed
     m = xp.astype(moving, xp.float32) if moving.dtype != xp.float32 else moving
     lo = min(float(xp.min(f)), float(xp.min(m)))
@@ -113,80 +96,30 @@ def _normalise(fixed, moving, xp):
     return (f - lo) * scale, (m - lo) * scale
 
 
-def register(
-    fixed,
-    moving,
-    *,
-    data_term="l1",
-    denoiser="tv",
-    theta=None,
-    lam=None,
-    warps=None,
-    iterations=None,
-    denoiser_iterations=None,
-    levels=None,
-    scale=DEFAULT_SCALE,
-    min_size=DEFAULT_MIN_SIZE,
-    spacing=None,
-    initial=None,
-    normalise=True,
-    device="auto",
-    checkpoint=None,
-    refine=None,
-    refine_denoiser=DEFAULT_REFINE_DENOISER,
-    refine_lam=None,
-    precision="auto",
-):
+def register(fixed, moving, *, spacing=None, initial=None, options: SolverOptions | None = None, **fields):
     """Deformable registration of ``moving`` onto ``fixed`` (TV-L1 and its relatives).
 
     Minimises ``(1/s)|I1(x + u) - I0|^s + lam R(u)`` by Gauss-Newton warps,
     variable splitting (point-wise data step, denoising step) and a
-    coarse-to-fine pyramid (Algorithm 1 of the VR-Net paper).
+    coarse-to-fine pyramid (Algorithm 1 of the VR-Net paper): at every level
+    ``warps`` warps with ``denoiser``, then ``refine`` warps with
+    ``refine_denoiser`` weighted by ``refine_lam``.
 
     Parameters
     ----------
     fixed, moving : arrays of one shape, 2-D ``(H, W)`` or 3-D ``(D, H, W)``;
         any real dtype. NumPy arrays run on the CPU; CuPy arrays on their GPU.
-    data_term : ``"l1"`` (default, robust) or ``"l2"`` (sum of squared differences).
-    denoiser : ``"tv"`` (default), ``"tv-vectorial"``, ``"huber"``, ``"tgv"``, ``"quadratic"``
-        or a callable ``denoiser(u, weight) -> v`` (see :mod:`varreg.denoisers`).
-    theta, lam : splitting penalty and regularisation weight; defaults per data
-        term in :data:`DEFAULTS`, for intensities scaled to [0, 1] (``normalise``).
-    warps : Gauss-Newton warps with ``denoiser`` per level: an int for every level, or a
-        sequence per level, finest first, whose last entry also serves the coarser levels
-        (L1 default ``(2, 5)``: 2 at the finest level, 5 at the others).
-    iterations : splitting iterations per warp.
-    denoiser_iterations : inner steps of a built-in denoiser per call (default
-        2, 5 for ``"tgv"``: :data:`DENOISER_ITERATIONS`).
-    levels, scale, min_size : pyramid: number of levels (``None``: down to
-        ``min_size`` voxels), shrink factor per level, smallest axis length.
     spacing : voxel size per axis (any unit); only ratios matter: the
         regulariser's differences are scaled by ``spacing / min(spacing)``.
         Stacks of slices several times thicker than their pixels (cine MRI)
         register better slice by slice: :func:`register_slices`.
-    initial : optional initial displacement ``(ndim, *fixed.shape)``.
-    normalise : scale the pair jointly to [0, 1] first (the defaults assume it).
-    device : ``"auto"`` (GPU if CuPy can use one), ``"cpu"`` or ``"gpu"``.
-    checkpoint : with ``denoiser="unet"``: the VR-Net checkpoint to run (needs the
-        ``learned`` extra); the network replaces the classical schedule, and the
-        schedule options and ``spacing`` do not apply (it was trained in pixels).
-    refine : further Gauss-Newton warps with ``refine_denoiser`` after the ``warps`` of a level
-        (same data term, theta and iterations; regulariser weight ``refine_lam``, in voxel
-        units whatever ``spacing``, which keeps thick-slice stacks from folding): an int for
-        the finest level, or a sequence per level, finest first (levels beyond it get none);
-        0 for none; ``None``: the data term's default (:data:`DEFAULTS`; L1 ``(10, 30)``:
-        10 at the finest level, 30 at the next). With VR-Net (``denoiser="unet"``) an int:
-        warps at full resolution after the network (default 0). ACDC val, mean Dice:
-        the L1 defaults 0.866, the same without refinement 0.806, the previous default
-        (lam 0.04, 5 TV warps, no refinement) 0.845; VR-Net 0.873 -> 0.882 with 5 warps.
-    refine_denoiser : the classical denoiser of those warps (a name, as ``denoiser``):
-        ``"quadratic"`` (default, :data:`DEFAULT_REFINE_DENOISER`), ``"tgv"`` or ``"tv"``;
-        after VR-Net with 5 warps on ACDC val 0.882 / 0.881 / 0.877.
-    refine_lam : regularisation weight of the refinement warps (default per data term,
-        :data:`DEFAULTS`: 0.04 for L1).
-    precision : with ``denoiser="unet"``: the U-Nets' arithmetic, ``"auto"`` (bfloat16
-        on CPUs that compute it in hardware, float32 elsewhere), ``"float32"`` or
-        ``"bfloat16"`` (``varreg_learned.model.resolve_precision``).
+    initial : optional initial displacement ``(ndim, *fixed.shape)``, voxels.
+    options : a :class:`varreg.options.SolverOptions` (default: all defaults).
+    **fields : solver options by name, overriding ``options``: ``data_term``,
+        ``denoiser``, ``theta``, ``lam``, ``warps``, ``iterations``,
+        ``denoiser_iterations``, ``levels``, ``scale``, ``min_size``, ``refine``,
+        ``refine_denoiser``, ``refine_lam``, ``normalise``, ``device``; each is
+        documented once, in :class:`varreg.options.SolverOptions` (``FIELDS``).
 
     Returns
     -------
@@ -194,6 +127,11 @@ def register(
         ``.displacement`` ``(ndim, *fixed.shape)`` float32 in voxels, pull-back
         (``moving(x + u(x)) ~ fixed(x)``); ``.warped``; ``.info``. NumPy inputs
         give NumPy results whatever the device; CuPy inputs give CuPy results.
+
+    Raises
+    ------
+    varreg.options.OptionError (a ``ValueError``) for a wrong option; ``ValueError``
+    or ``TypeError`` for images that cannot be registered.
 
     Examples
     --------
@@ -205,35 +143,13 @@ def register(
     >>> res.displacement.shape
     (2, 64, 64)
     """
-    if isinstance(denoiser, str) and denoiser.lower() == "unet":
-        if initial is not None:
-            raise ValueError("denoiser='unet' computes its own initial displacement; initial= is not taken")
-        return _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, refine_lam, device, normalise,
-                              precision)
-    if checkpoint is not None or precision != "auto":
-        raise ValueError("checkpoint and precision go with denoiser='unet' (VR-Net); "
-                         "the classical denoisers take neither")
+    opts = (options or SolverOptions()).replace(**fields) if fields else (options or SolverOptions())
     t0 = time.perf_counter()
     fixed, moving = validate_pair(fixed, moving)
     ndim = fixed.ndim
-    dterm = make_data_term(data_term)
-    defaults = DEFAULTS.get(getattr(dterm, "name", "l1"), DEFAULTS["l1"])
-    theta = defaults["theta"] if theta is None else theta
-    lam = defaults["lam"] if lam is None else lam
-    warps = _per_level("warps", defaults["warps"] if warps is None else warps, minimum=1)
-    refine = _per_level("refine", defaults["refine"] if refine is None else refine, minimum=0)
-    refine_lam = defaults["refine_lam"] if refine_lam is None else refine_lam
-    _check_refine_denoiser(refine_denoiser)
-    iterations = defaults["iterations"] if iterations is None else iterations
-    den_iters = _denoiser_steps(denoiser, defaults) if denoiser_iterations is None else denoiser_iterations
-    for name, val in (("theta", theta), ("lam", lam), ("refine_lam", refine_lam)):
-        if not (np.isscalar(val) and np.isfinite(val) and val > 0):
-            raise ValueError(f"{name} must be a positive finite number, got {val!r}")
-    for name, val in (("iterations", iterations), ("denoiser_iterations", den_iters), ("min_size", min_size)):
-        if not (isinstance(val, (int, np.integer)) and val >= 1):
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    if levels is not None and not (isinstance(levels, (int, np.integer)) and levels >= 1):
-        raise ValueError(f"levels must be a positive integer or None, got {levels!r}")
+    dterm = make_data_term(opts.data_term)
+    w = weights_of(dterm, given=opts)
+    theta, lam, refine_lam = w.theta, w.lam, w.refine_lam
     if spacing is None:
         spacing = (1.0,) * ndim
     spacing = tuple(float(s) for s in spacing)
@@ -241,14 +157,14 @@ def register(
         raise ValueError(f"spacing must hold {ndim} positive numbers, got {spacing}")
     rel_spacing = tuple(s / min(spacing) for s in spacing)
 
-    dev = backend.resolve_device(device)
+    dev = backend.resolve_device(opts.device)
     host_input = isinstance(fixed, np.ndarray)  # results come back on the caller's side
-    if type(fixed).__module__.startswith("cupy") and device == "cpu":
+    if type(fixed).__module__.startswith("cupy") and opts.device == "cpu":
         fixed, moving = backend.to_numpy(fixed), backend.to_numpy(moving)
     fixed_d, moving_d = backend.to_device(fixed, dev), backend.to_device(moving, dev)
     xp = backend.namespace(fixed_d)
-    if normalise:
-        f32, m32 = _normalise(fixed_d, moving_d, xp)
+    if opts.normalise:
+        f32, m32 = normalise_pair(fixed_d, moving_d)
     else:
         f32, m32 = xp.astype(fixed_d, xp.float32), xp.astype(moving_d, xp.float32)
 
@@ -260,14 +176,14 @@ def register(
         if not bool(xp.all(xp.isfinite(u0))):
             raise ValueError("initial displacement contains NaN or Inf values")
 
-    den = make_denoiser(denoiser, spacing=rel_spacing, n_iter=den_iters)
-    shapes = level_shapes(fixed.shape, scale=scale, levels=levels, min_size=min_size)
-    warps_at = [_at_level(warps, lvl, repeat_last=True) for lvl in range(len(shapes))]
-    refine_at = [_at_level(refine, lvl, repeat_last=False) for lvl in range(len(shapes))]
-    # The refinement regularises in voxel units, as det(I + grad u) counts folds: scaled by the spacing, its
-    # coupling across 10 mm slices over 1.5 mm pixels would be 1/44 of the in-plane one, and on such stacks
-    # (ACDC val volumes) the through-slice component then folds 6 % of the voxels (0.03 % in voxel units).
-    rden = make_denoiser(refine_denoiser, n_iter=_denoiser_steps(refine_denoiser, defaults)) if any(refine_at) else None
+    den = make_denoiser(opts.denoiser, spacing=rel_spacing, n_iter=opts.denoiser_iterations)
+    shapes = level_shapes(fixed.shape, scale=opts.scale, levels=opts.levels, min_size=opts.min_size)
+    warps_at = [at_level(opts.warps, lvl, repeat_last=True) for lvl in range(len(shapes))]
+    refine_at = [at_level(opts.refine, lvl, repeat_last=False) for lvl in range(len(shapes))]
+    # the refinement regularises in voxel units, as det(I + grad u) counts folds: scaled by the spacing, its
+    # coupling across thick slices would be a small fraction of the in-plane one, and folds follow (README)
+    rden = make_denoiser(opts.refine_denoiser) if any(refine_at) else None
+    iterations = opts.iterations
 
     def solve_level(f, m, u, lvl):
         u = solve(f, m, u, data_term=dterm, denoiser=den, theta=theta, lam=lam,
@@ -277,15 +193,17 @@ def register(
                       n_warps=refine_at[lvl], n_iters=iterations, ndim=ndim)
         return u
 
-    u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=scale, u0=u0)
+    u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=opts.scale, u0=u0)
     moving_f = moving_d if moving_d.dtype.kind == "f" else xp.astype(moving_d, xp.float32)
     warped = _warp(moving_f, u)
+    den_iters = getattr(den, "n_iter", opts.denoiser_iterations)
+    denoiser = opts.denoiser
     info = dict(
         data_term=getattr(dterm, "name", type(dterm).__name__),
         denoiser=denoiser if isinstance(denoiser, str) else getattr(denoiser, "__name__", type(denoiser).__name__),
         theta=theta, lam=lam, warps=tuple(warps_at), iterations=iterations, denoiser_iterations=den_iters,
-        scale=scale, levels=len(shapes), shapes=shapes, spacing=spacing, device=dev,
-        refine=tuple(refine_at), refine_denoiser=refine_denoiser if any(refine_at) else None,
+        scale=opts.scale, levels=len(shapes), shapes=shapes, spacing=spacing, device=dev,
+        refine=tuple(refine_at), refine_denoiser=opts.refine_denoiser if any(refine_at) else None,
         refine_lam=refine_lam if any(refine_at) else None,
         time_s=time.perf_counter() - t0,
     )
@@ -294,72 +212,13 @@ def register(
     return RegistrationResult(displacement=u, warped=warped, info=info)
 
 
-def _denoiser_steps(denoiser, defaults) -> int:
-    """Inner steps per call of a built-in denoiser by default (:data:`DENOISER_ITERATIONS`, else the data term's)."""
-    key = denoiser.lower() if isinstance(denoiser, str) else None
-    return DENOISER_ITERATIONS.get(key, defaults["denoiser_iterations"])
-
-
-def _is_count(val, minimum: int) -> bool:
-    return isinstance(val, (int, np.integer)) and not isinstance(val, bool) and val >= minimum
-
-
-def _per_level(name: str, value, *, minimum: int):
-    """An int, or a non-empty sequence of ints (per level, finest first), each ``>= minimum``; as a tuple or int."""
-    kind = "positive" if minimum >= 1 else "non-negative"
-    if _is_count(value, minimum):
-        return int(value)
-    if isinstance(value, (list, tuple)) and value and all(_is_count(v, minimum) for v in value):
-        return tuple(int(v) for v in value)
-    raise ValueError(f"{name} must be a {kind} integer or a sequence of them (one per pyramid level, finest first), "
-                     f"got {value!r}")
-
-
-def _at_level(value, lvl: int, *, repeat_last: bool) -> int:
-    """The count of level ``lvl`` (0: finest): an int counts for every level (``warps``) or the finest only
-    (``refine``); a sequence past its end repeats its last entry (``warps``) or gives 0 (``refine``)."""
-    if isinstance(value, int):
-        return value if (repeat_last or lvl == 0) else 0
-    if lvl < len(value):
-        return value[lvl]
-    return value[-1] if repeat_last else 0
-
-
-def _check_refine_denoiser(refine_denoiser):
-    if not (isinstance(refine_denoiser, str) and refine_denoiser.lower() in DENOISERS):
-        raise ValueError(f"refine_denoiser must be one of {sorted(DENOISERS)}, got {refine_denoiser!r}")
-
-
-def _register_unet(fixed, moving, checkpoint, refine, refine_denoiser, refine_lam, device, normalise, precision):
-    """``denoiser="unet"``: VR-Net from a checkpoint, through ``varreg_learned``."""
-    if checkpoint is None:
-        raise ValueError("denoiser='unet' needs checkpoint=PATH (a VR-Net checkpoint, e.g. "
-                         "varreg_learned/checkpoints/vrnet2d_acdc.pt)")
-    try:
-        import torch
-        from varreg_learned.inference import register_learned
-    except ImportError as exc:
-        raise RuntimeError(f"denoiser='unet' needs torch: install the learned extra, pip install 'varreg[learned]' ({exc})") from None
-    if device not in backend.DEVICES:
-        raise ValueError(f"device must be one of {backend.DEVICES}, got {device!r}")
-    if device == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("device='gpu' was asked for but torch sees no CUDA device. Use device='cpu' or 'auto'.")
-    tdev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    refine = 0 if refine is None else refine  # register_learned checks it: warps at full resolution
-    _check_refine_denoiser(refine_denoiser)
-    opts = {"denoiser": refine_denoiser} if refine else {}
-    if refine and refine_lam is not None:
-        opts["lam"] = refine_lam
-    return register_learned(fixed, moving, checkpoint, refine=refine, device=tdev, normalise=normalise,
-                            precision=precision, **opts)
-
-
-def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None, progress=None, **options):
+def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None, progress=None, method=None,
+                    **options):
     """Slice-by-slice 2-D registration of two 3-D stacks (thick-slice cine MRI and the like).
 
     Every 2-D slice of ``moving`` along ``axis`` is registered to the same slice of
-    ``fixed`` with :func:`register` (``options`` as there, each slice scaled to
-    [0, 1] on its own); the through-slice component of the result is zero. On
+    ``fixed`` with ``method`` (default :func:`register`; ``options`` as there, each
+    slice scaled to [0, 1] on its own); the through-slice component of the result is zero. On
     stacks whose slices are much thicker than their pixels (ACDC: 1.5 x 1.5 x
     5-10 mm) this beats a 3-D registration: the intensity gradient across 10 mm
     slices says little about through-slice motion (docs/bench.md, 3-D table).
@@ -373,6 +232,8 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
         component is ignored.
     progress : optional wrapper of the slice iterator (``progress(range(n)) -> iterable``),
         e.g. ``tqdm``.
+    method : ``method(fixed2d, moving2d, *, spacing, initial, **options) -> RegistrationResult``;
+        default :func:`register`.
 
     Returns
     -------
@@ -381,6 +242,7 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
     run information; ``time_s``: the total).
     """
     t0 = time.perf_counter()
+    method = register if method is None else method
     fixed, moving = _as_array("fixed", fixed), _as_array("moving", moving)
     for name, a in (("fixed", fixed), ("moving", moving)):
         if a.ndim != 3:
@@ -406,8 +268,8 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
     per, infos = [], []
     for k in progress(range(n)) if progress is not None else range(n):
         init = None if initial is None else np.take(initial, k, axis=axis + 1)
-        res = register(np.take(fixed, k, axis=axis), np.take(moving, k, axis=axis), spacing=sp, initial=init,
-                       **options)
+        res = method(np.take(fixed, k, axis=axis), np.take(moving, k, axis=axis), spacing=sp, initial=init,
+                     **options)
         per.append(np.asarray(backend.to_numpy(res.displacement), np.float32))
         infos.append(res.info)
     u = np.zeros((3, *fixed.shape), np.float32)
@@ -416,3 +278,109 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
     warped = _warp(moving_f, u)  # u is zero along the slice axis: each slice is warped within itself
     info = dict(infos[0], slices=infos, slice_axis=axis, time_s=time.perf_counter() - t0)
     return RegistrationResult(displacement=u, warped=warped, info=info)
+
+
+def registration_mode(fixed_img, slices: bool = False) -> str:
+    """How :func:`register_images` registers an image of ``fixed_img``'s grid: ``"3d"``, ``"2d"`` (one
+    axis of length 1) or ``"slices"`` (a 3-D stack slice by slice along its last axis, when ``slices``)."""
+    from .io import InputError
+
+    active = fixed_img.active_axes
+    if len(active) < 2:
+        raise InputError(fixed_img.path, f"has shape {fixed_img.shape}: at least two axes need more than one voxel")
+    if len(active) == 2:
+        return "2d"
+    return "slices" if slices else "3d"
+
+
+@dataclass
+class ImageRegistration:
+    """A registration on a fixed image's grid (:func:`register_images`).
+
+    ``u``: ``(3, X, Y, Z)`` float32 in voxels of the fixed grid along its array axes
+    (a zero component on an axis of length 1, and along the slice axis in
+    ``"slices"`` mode); ``mode``: ``"3d"``, ``"2d"`` or ``"slices"``; ``solver_s``:
+    seconds in the solver; ``info``: the run information of the (last) registration.
+    """
+
+    u: np.ndarray
+    mode: str
+    solver_s: float
+    info: dict
+
+    def warp(self, vol: np.ndarray, order: int) -> np.ndarray:
+        """Warp a volume ``(X, Y, Z)`` on the fixed grid as the registration did (2-D per slice, 2-D or 3-D)."""
+        if self.mode == "3d":
+            return np.asarray(_warp_checked(vol, self.u, order))
+        if self.mode == "2d":
+            c = [i for i, n in enumerate(vol.shape) if n == 1][0]
+            act = [i for i in range(3) if i != c]
+            v2 = np.take(vol, 0, axis=c)
+            u2 = np.stack([np.take(self.u[i], 0, axis=c) for i in act])
+            return np.expand_dims(np.asarray(_warp_checked(v2, u2, order)), c)
+        out = np.empty(vol.shape, dtype=(vol.dtype if (order == 0 or vol.dtype.kind == "f") else np.float32))
+        for z in range(vol.shape[2]):
+            out[..., z] = np.asarray(_warp_checked(vol[..., z], self.u[:2, :, :, z], order))
+        return out
+
+
+def _warp_checked(image, u, order):
+    from . import warp
+
+    return warp(image, u, order=order)
+
+
+def register_images(fixed_img, moving, *, slices: bool = False, isotropic: bool = False, initial=None, method=None,
+                    progress=None, **options) -> ImageRegistration:
+    """Register ``moving`` onto the grid of ``fixed_img`` (a :class:`varreg.io.Image`), by its geometry.
+
+    A 3-D volume in 3-D (``spacing`` from the affine), a single slice (one axis
+    of length 1) in 2-D, or, with ``slices``, a stack slice by slice along its
+    last axis (:func:`register_slices`).
+
+    Parameters
+    ----------
+    fixed_img : :class:`varreg.io.Image`.
+    moving : an :class:`varreg.io.Image` on the same grid, or an array of ``fixed_img.shape``
+        (an image already resampled onto the fixed grid).
+    slices : register a 3-D stack slice by slice.
+    isotropic : ignore the voxel sizes (treat voxels as cubes).
+    initial : optional initial displacement ``(3, X, Y, Z)`` in voxels of the fixed grid.
+    method : as in :func:`register_slices` (default :func:`register`); ``options`` go to it.
+    progress : wrapper of the slice iterator in ``"slices"`` mode.
+
+    Returns
+    -------
+    :class:`ImageRegistration`.
+    """
+    from .io import Image, same_grid
+
+    method = register if method is None else method
+    if isinstance(moving, Image):
+        if not same_grid(fixed_img, moving):
+            raise ValueError(f"{moving.path} is not on the fixed image's grid; resample it onto the fixed grid first")
+        moving = moving.data
+    moving = np.asarray(moving)
+    shape = fixed_img.shape
+    if moving.shape != shape:
+        raise ValueError(f"moving data of shape {moving.shape} do not fit the fixed grid {shape}")
+    mode = registration_mode(fixed_img, slices)
+    active = fixed_img.active_axes
+    sp = None if isotropic else tuple(fixed_img.spacing[i] for i in (active if mode == "2d" else (0, 1, 2)))
+    u = np.zeros((3, *shape), np.float32)
+    if mode == "slices":
+        res = register_slices(fixed_img.data, moving, axis=2, spacing=sp, initial=initial, progress=progress,
+                              method=method, **options)
+        u[:] = res.displacement
+        return ImageRegistration(u, mode, sum(i["time_s"] for i in res.info["slices"]), res.info["slices"][-1])
+    if mode == "3d":
+        res = method(fixed_img.data, moving, spacing=sp, initial=initial, **options)
+        u[:] = np.asarray(backend.to_numpy(res.displacement), np.float32)
+        return ImageRegistration(u, mode, res.info["time_s"], res.info)
+    c = [i for i in range(3) if i not in active][0]
+    init = None if initial is None else np.stack([np.take(initial[i], 0, axis=c) for i in active])
+    res = method(np.take(fixed_img.data, 0, axis=c), np.take(moving, 0, axis=c), spacing=sp, initial=init, **options)
+    u2 = np.asarray(backend.to_numpy(res.displacement), np.float32)
+    for k, i in enumerate(active):
+        u[i] = np.expand_dims(u2[k], c)
+    return ImageRegistration(u, mode, res.info["time_s"], res.info)

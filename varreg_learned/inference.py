@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 import varreg
-from varreg.registration import DEFAULT_REFINE_DENOISER, RegistrationResult, validate_pair
+from varreg.options import OptionError, weights_of
+from varreg.registration import RegistrationResult, normalise_pair, validate_pair
 
 from .checkpoint import load_checkpoint
 from .model import VRNet, resolve_precision, unet_precision
+from .options import VRNetOptions, check_checkpoint
 
 __all__ = ["register_learned", "load_model"]
 
@@ -20,14 +22,6 @@ __all__ = ["register_learned", "load_model"]
 #: alternating between checkpoints (a benchmark of several) does not reload one each call.
 _CACHE: dict = {}
 _CACHE_SIZE = 4
-
-
-def _normalise(fixed, moving):
-    """Joint min-max scaling of the pair to [0, 1], float32 (as ``varreg.register``)."""
-    f, m = fixed.astype(np.float32), moving.astype(np.float32)
-    lo, hi = min(f.min(), m.min()), max(f.max(), m.max())
-    scale = 1.0 / (hi - lo) if hi > lo else 1.0
-    return (f - lo) * scale, (m - lo) * scale
 
 
 def load_model(checkpoint, *, ndim: int | None = None, device: str = "cpu") -> tuple[VRNet, dict, str]:
@@ -61,42 +55,58 @@ def load_model(checkpoint, *, ndim: int | None = None, device: str = "cpu") -> t
     return model, meta, str(path)
 
 
-def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str = "cpu", normalise: bool = True,
-                     precision: str = "auto", **refine_options) -> RegistrationResult:
-    """Register ``moving`` onto ``fixed`` with a trained VR-Net.
+def torch_device(device: str) -> str:
+    """A torch device for ``"auto"`` (CUDA when torch sees one, else the CPU), ``"cpu"``, ``"gpu"`` (CUDA or a
+    ``RuntimeError``) or a torch device name."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='gpu' was asked for but torch sees no CUDA device. Use device='cpu' or 'auto'.")
+        return "cuda"
+    return device
+
+
+def register_learned(fixed, moving, checkpoint, *, spacing=None, initial=None, options: VRNetOptions | None = None,
+                     post_solver=None, **fields) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with a trained VR-Net, optionally followed by classical warps.
 
     Parameters
     ----------
     fixed, moving : NumPy arrays of one shape, 2-D or 3-D (the checkpoint's dimension).
     checkpoint : path of a VR-Net checkpoint, or a :class:`VRNet`.
-    refine : extra Gauss-Newton warps of the classical solver started from the
-        network's displacement (``varreg.register(..., initial=u, levels=1, warps=refine,
-        refine=0)`` with the quadratic regulariser, ``theta`` and ``lam = refine_lam`` of
-        ``varreg.DEFAULTS``); 0 for the network alone.
-    device : torch device for the network (``"cpu"``, ``"cuda"``).
-    normalise : scale the pair jointly to [0, 1] first (as in training and ``varreg.register``).
-    precision : ``"auto"`` (bfloat16 U-Nets on CPUs that compute it in hardware,
-        float32 elsewhere), ``"float32"`` or ``"bfloat16"``; see
-        :func:`varreg_learned.model.resolve_precision`. Warps and data steps stay float32.
-    refine_options : further keywords for :func:`varreg.register` in the refinement
-        (``theta``, ``lam``, ``iterations``, ``denoiser`` ...); the data term defaults to the network's,
-        the denoiser to ``varreg.registration.DEFAULT_REFINE_DENOISER``.
+    spacing : voxel size per axis; only the post warps use it (the network was trained in pixels).
+    initial : not taken (the network computes its own start); present so that this function
+        is a method of :func:`varreg.register_slices` and :func:`varreg.register_images`.
+    options : a :class:`varreg_learned.options.VRNetOptions` (default: all defaults).
+    post_solver : a :class:`varreg.SolverOptions` for the post warps' other settings
+        (``theta``, ``iterations``, ``denoiser_iterations`` ...); its data term is the network's,
+        and its ``denoiser``, ``lam``, ``normalise``, ``device``, ``levels``, ``warps`` and
+        ``refine`` are set by the post warps (``post_denoiser``, ``post_lam`` else its ``refine_lam``).
+    **fields : VR-Net options by name, overriding ``options``: ``post_warps``,
+        ``post_denoiser``, ``post_lam``, ``precision``, ``normalise``, ``device``
+        (documented once, in :class:`~varreg_learned.options.VRNetOptions`).
+        The post warps are ``varreg.register(..., initial=network, levels=1,
+        warps=post_warps, refine=0, denoiser=post_denoiser, lam=post_lam)``.
 
     Returns
     -------
     varreg.RegistrationResult with NumPy ``displacement`` ``(ndim, *fixed.shape)`` float32
     (voxels, pull-back), ``warped`` and ``info`` (checkpoint, config, timings).
     """
+    opts = (options or VRNetOptions()).replace(**fields) if fields else (options or VRNetOptions())
+    if initial is not None:
+        raise OptionError("initial", "VR-Net computes its own initial displacement; initial= is not taken")
+    check_checkpoint(checkpoint)
     t0 = time.perf_counter()
     fixed, moving = validate_pair(fixed, moving)
     fixed = varreg.backend.to_numpy(fixed)
     moving = varreg.backend.to_numpy(moving)
-    if not (isinstance(refine, (int, np.integer)) and refine >= 0):
-        raise ValueError(f"refine must be a non-negative integer, got {refine!r}")
-    precision = resolve_precision(precision, device)
+    device = torch_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
     model, meta, name = load_model(checkpoint, ndim=fixed.ndim, device=device)
-    if normalise:
-        f32, m32 = _normalise(fixed, moving)
+    if opts.normalise:
+        f32, m32 = normalise_pair(fixed, moving)
     else:
         f32, m32 = fixed.astype(np.float32), moving.astype(np.float32)
     was_training = model.training
@@ -109,25 +119,27 @@ def register_learned(fixed, moving, checkpoint, refine: int = 0, *, device: str 
         model.train(was_training)
     u = u.detach().cpu().numpy().astype(np.float32)
     t_net = time.perf_counter() - t0
-    info = dict(method="vrnet", checkpoint=name, config=model.config.to_dict(), network_time_s=t_net, refine=int(refine),
-                checkpoint_steps=meta.get("steps"), device=device, precision=precision)
-    if refine > 0:
-        d = varreg.DEFAULTS[model.config.data_term]
-        # the refinement warps of the classical defaults: theta, refine_lam, the quadratic regulariser
-        opts = dict(data_term=model.config.data_term, denoiser=DEFAULT_REFINE_DENOISER, theta=d["theta"],
-                    lam=d["refine_lam"], normalise=normalise, device="cpu")
-        opts.update(refine_options)
-        opts["refine"] = 0  # these warps are the refinement
+    info = dict(method="vrnet", checkpoint=name, config=model.config.to_dict(), network_time_s=t_net,
+                post_warps=opts.post_warps, checkpoint_steps=meta.get("steps"), device=device, precision=precision)
+    if opts.post_warps > 0:
+        base = post_solver if post_solver is not None else varreg.SolverOptions()
+        base = base.replace(data_term=model.config.data_term)
+        w = weights_of(base.data_term, given=base)
+        # the refinement warps of the classical defaults: theta, refine_lam, the post denoiser, at full resolution
+        solver = base.replace(denoiser=opts.post_denoiser, theta=w.theta,
+                              lam=opts.post_lam if opts.post_lam is not None else w.refine_lam,
+                              normalise=opts.normalise, device="cpu", levels=1, warps=opts.post_warps, refine=0)
         n_threads = torch.get_num_threads()
         try:
-            res = varreg.register(fixed, moving, initial=u, levels=1, warps=int(refine), **opts)
+            res = varreg.register(fixed, moving, spacing=spacing, initial=u, options=solver)
         finally:
             # numba's OpenMP pool shares torch's libgomp; its first launch resets the thread count
             torch.set_num_threads(n_threads)
-        res.info = {**res.info, "refine_options": opts, **info, "time_s": time.perf_counter() - t0}
+        post = {k: getattr(solver, k) for k in ("data_term", "denoiser", "theta", "lam", "iterations", "normalise")}
+        res.info = {**res.info, "post_options": post, **info, "time_s": time.perf_counter() - t0}
         return res
-    if refine_options:
-        raise TypeError(f"refinement options {sorted(refine_options)} given but refine=0")
+    if post_solver is not None:
+        raise OptionError("post_solver", "post_solver= sets the post warps, and there are none: give post_warps too")
     moving_f = moving if moving.dtype.kind == "f" else moving.astype(np.float32)
     warped = varreg.warp(moving_f, u)
     info["time_s"] = time.perf_counter() - t0

@@ -38,13 +38,16 @@ from varreg.engine import solve
 from varreg.pyramid import coarse_to_fine, level_shapes, smoothing_sigma
 from varreg.resample import gaussian_smooth, resize, resize_displacement, warp
 
+from .options import PRECISIONS
+
 __all__ = ["VRNetConfig", "VRNet", "UNet", "GeneralisedDenoiser", "THETA_MIN", "inverse_softplus",
            "PRECISIONS", "resolve_precision", "unet_precision"]
 
 #: floor added to ``softplus``: theta stays positive even where softplus underflows.
 THETA_MIN = 1e-6
-#: initial theta and lambda per data term: the classical defaults of varreg.register.
-_INITIAL = {"l1": (0.3, 0.1), "l2": (0.02, 0.005)}
+#: initial theta and lambda per data term of an untrained VR-Net (the shipped checkpoints started
+#: from these); a training hyper-parameter, not the classical solver's weights (varreg.data_terms).
+INITIAL_WEIGHTS = {"l1": (0.3, 0.1), "l2": (0.02, 0.005)}
 INITS = ("zeros", "noise", "unet")
 
 
@@ -72,7 +75,7 @@ class VRNetConfig:
         voxels; seeded and thus repeatable in eval mode) or ``"unet"`` (a U-Net on
         the pair, trained with the rest).
     theta_init, lam : initial theta of every cascade and the engine's lambda;
-        ``None`` takes the classical defaults of the data term (l1: 0.3, 0.1; l2: 0.02, 0.005).
+        ``None`` takes :data:`INITIAL_WEIGHTS` of the data term.
     levels : pyramid levels (1: full resolution only); the cascades are shared by all levels.
     scale : grid of the network relative to the images (1: the images' grid). With
         ``scale < 1`` the pair is smoothed and shrunk (as a pyramid level), the
@@ -104,7 +107,7 @@ class VRNetConfig:
         if self.ndim not in (2, 3):
             raise ValueError(f"ndim must be 2 or 3, got {self.ndim!r}")
         self.data_term = str(self.data_term).lower()
-        if self.data_term not in _INITIAL:
+        if self.data_term not in INITIAL_WEIGHTS:
             raise ValueError(f"data_term must be 'l1' or 'l2', got {self.data_term!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
@@ -114,7 +117,7 @@ class VRNetConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not (isinstance(self.depth, int) and 0 <= self.depth <= 6):
             raise ValueError(f"depth must be an integer in [0, 6], got {self.depth!r}")
-        th0, lam0 = _INITIAL[self.data_term]
+        th0, lam0 = INITIAL_WEIGHTS[self.data_term]
         self.theta_init = float(th0 if self.theta_init is None else self.theta_init)
         self.lam = float(lam0 if self.lam is None else self.lam)
         for name in ("theta_init", "lam"):
@@ -154,9 +157,9 @@ class UNet(nn.Module):
 
     Any spatial size is accepted: the input is padded (border replicated) at the
     end of each axis to a multiple of ``2**depth`` and the output cropped back.
-    2-D networks run in channels-last layout (mkldnn's fast path: about 1.3x
-    faster per training step and 1.3-1.8x at inference on a 2-core CPU); the
-    output is returned in the usual contiguous layout.
+    2-D networks run in channels-last layout (mkldnn's fast path, faster for
+    training and inference on the CPU: docs/vrnet.md); the output is returned in
+    the usual contiguous layout.
 
     ``compute_dtype`` (default ``None``: the parameters' dtype) runs the network under
     ``torch.autocast`` in that dtype and returns the output in the input's dtype; set it
@@ -222,8 +225,6 @@ class UNet(nn.Module):
         return out.contiguous()
 
 
-#: Precisions of the U-Nets at inference (``resolve_precision``).
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def _native_bf16_cpu() -> bool:
@@ -237,10 +238,9 @@ def _native_bf16_cpu() -> bool:
 def resolve_precision(precision: str, device) -> str:
     """``"float32"`` or ``"bfloat16"`` for ``precision`` in :data:`PRECISIONS` on a torch ``device``.
 
-    ``"auto"`` takes bfloat16 on CPUs that compute it in hardware (the U-Nets run
-    1.3x faster there; on ACDC val the mean Dice was equal to 4 decimals,
-    docs/vrnet.md) and float32 elsewhere: emulated bfloat16 is slower, and on a
-    GPU the network is not the bottleneck.
+    ``"auto"`` takes bfloat16 on CPUs that compute it in hardware (faster there,
+    at the same Dice: docs/vrnet.md) and float32 elsewhere: emulated bfloat16 is
+    slower, and on a GPU the network is not the bottleneck.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

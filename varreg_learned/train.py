@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from varreg import acdc, metrics
+from varreg.registration import normalise_pair
 from varreg.resample import warp
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -86,12 +87,6 @@ def _load_case(root, pid):
         raise TrainInputError(f"{root}: cannot read {pid} ({type(exc).__name__}: {first})") from None
 
 
-def _normalise_pair(f, m):
-    lo, hi = min(f.min(), m.min()), max(f.max(), m.max())
-    s = 1.0 / (hi - lo) if hi > lo else 1.0
-    return ((f - lo) * s).astype(np.float32), ((m - lo) * s).astype(np.float32)
-
-
 def crop_or_pad(a: np.ndarray, center, size) -> np.ndarray:
     """The ``size`` window of ``a`` (2-D) centred at ``center`` (clamped inside when ``a`` is larger), zero padded."""
     out = np.zeros(size, dtype=a.dtype)
@@ -135,7 +130,7 @@ class ACDCSlices(torch.utils.data.Dataset):
                 if not keep:
                     continue
                 centre = np.argwhere((a > 0) | (b > 0)).mean(axis=0)
-                ed, es = _normalise_pair(case.ed[..., z], case.es[..., z])
+                ed, es = normalise_pair(case.ed[..., z], case.es[..., z])
                 ed, es = crop_or_pad(ed, centre, self.size), crop_or_pad(es, centre, self.size)
                 la, lb = crop_or_pad(a, centre, self.size), crop_or_pad(b, centre, self.size)
                 dirs = [("ES->ED", ed, es, la, lb)]  # fixed ED, moving ES (the evaluation direction)
@@ -197,7 +192,7 @@ def load_val_pairs(root, split: str = "val", max_pairs: int | None = None, max_p
     for pid in _split_patients(root, split, max_patients, required=False):
         case = _load_case(root, pid)
         for z, f, m, lf, lm in acdc.slice_pairs(case):
-            f, m = _normalise_pair(f, m)
+            f, m = normalise_pair(f, m)
             pairs.append((f, m, lf, lm))
     if max_pairs is not None and len(pairs) > max_pairs:
         keep = np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int)
