@@ -1,4 +1,4 @@
-"""The evidence behind ``varreg.DEFAULTS["l1"]``: the default schedule against its neighbours on ACDC.
+"""The evidence behind the L1 defaults of ``varreg.options.SolverOptions``, against their neighbours on ACDC.
 
     python benchmarks/tune_defaults.py                   # train split, every 4th patient (102 pairs)
     python benchmarks/tune_defaults.py --split val --every 1
@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 import varreg
-from acdc_2d import ROOT, evaluate, load_pairs, print_table
+from acdc_2d import ROOT, defaults, evaluate, load_pairs, print_table
 from varreg import acdc
 
 CONFIGS = {
@@ -55,7 +55,7 @@ def main(argv=None):
     rows = evaluate(pairs, {name: _method(o) for name, o in CONFIGS.items()}, f"ACDC {args.split} 2D, schedules")
     print(f"\nACDC {args.split} split, every {args.every}th patient: {len(pairs)} slice pairs from {len(ids)} patients")
     print_table(rows, "**default**")
-    print(f"\ndefaults: {varreg.DEFAULTS['l1']}")
+    print(f"\ndefaults: {defaults('l1')}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from tqdm import tqdm
 
 import varreg
 from varreg import acdc
-from varreg.bench import STRUCTURES, acdc_pairs, reset_peak_rss, rss_gib, score
+from varreg_bench.machine import reset_peak_rss, rss_gib
+from varreg_bench.pairs import STRUCTURES, acdc_pairs
+from varreg_bench.run import score
 from varreg_learned import register_learned
 from varreg_learned.checkpoint import load_checkpoint
 from varreg_learned.loss import LossConfig
@@ -81,7 +83,7 @@ def train_one(name, data_term, n_warps, n_iters, scale, dice_weight, args) -> di
 
 _MEMORY_CHILD = """
 import json, sys, numpy as np, torch
-from varreg.bench import reset_peak_rss, rss_gib
+from varreg_bench.machine import reset_peak_rss, rss_gib
 from varreg_learned import register_learned
 torch.set_num_threads(int(sys.argv[3]))
 rng = np.random.default_rng(0)
@@ -104,8 +106,8 @@ def inference_memory(checkpoint, shape=(256, 216), threads=2) -> dict:
 
 
 def evaluate(pairs, fn, desc):
-    """Metrics of ``fn(fixed, moving) -> u`` over ``pairs`` (:class:`varreg.bench.Pair`, scored by
-    :func:`varreg.bench.score`); time per pair after a warm-up. HD: mean over the finite values."""
+    """Metrics of ``fn(fixed, moving) -> u`` over ``pairs`` (:class:`varreg_bench.pairs.Pair`, scored by
+    :func:`varreg_bench.run.score`); time per pair after a warm-up. HD: mean over the finite values."""
     fn(pairs[0].fixed, pairs[0].moving)
     scores, times = [], []
     for pair in tqdm(pairs, desc=desc, unit="pair", leave=False):

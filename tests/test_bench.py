@@ -5,6 +5,7 @@ Runs with one numba/ITK/torch thread (the machine may be shared). The ACDC test 
 ``../shared/data/acdc`` (relative to the repository root) and is skipped when it is absent.
 """
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -18,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 import varreg
+import varreg_bench as B
 from varreg import acdc, metrics, phantom, synthetic
-from varreg import bench as B
 from varreg_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "acdc"
@@ -108,8 +109,9 @@ def test_skimage_runner_is_optical_flow_tvl1():
 
 # --------------------------------------------------------------------------- registry
 def test_missing_peer_and_checkpoint_are_skipped_with_a_note(monkeypatch):
-    real = B.util.find_spec
-    monkeypatch.setattr(B.util, "find_spec", lambda name, *a: None if name in ("ants", "SimpleITK") else real(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("ants", "SimpleITK") else real(name, *a))
     reg = B.registry()
     assert isinstance(reg["ants-syn"], B.Unavailable) and isinstance(reg["sitk-demons"], B.Unavailable)
     assert isinstance(reg["vrnet"], B.Unavailable) and "checkpoint" in reg["vrnet"].reason
@@ -136,7 +138,7 @@ def test_varreg_method_is_the_api_call():
 
 def test_tuning_grids():
     methods, notes, grid = B.tune_methods(["sitk-demons", "varreg"])
-    if B.util.find_spec("SimpleITK") is not None:
+    if importlib.util.find_spec("SimpleITK") is not None:
         assert len(methods) == 9 and all(grid[m.name][0] == "sitk-demons" for m in methods)
     assert any("varreg" in n for n in notes)
 
@@ -291,7 +293,7 @@ def test_vrnet_with_a_checkpoint(tmp_path):
     case = acdc.load_case(data, "patient004")
     z, f, m, fl, ml = next(acdc.slice_pairs(case))
     for method, denoiser in (("vrnet+refine", "quadratic"), ("vrnet+refine-tgv", "tgv")):
-        u = register_learned(f, m, str(ck), refine=2, denoiser=denoiser).displacement
+        u = register_learned(f, m, str(ck), post_warps=2, post_denoiser=denoiser, device="cpu").displacement
         w = varreg.warp(ml, u, order=0)
         r = next(r for r in per if r["method"] == method and int(r["index"]) == z)
         assert _same(r["dice_LV"], metrics.dice(fl, w, labels=[3])[3]), method
