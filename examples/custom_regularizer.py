@@ -1,7 +1,8 @@
 """Try a new regulariser in a few lines and compare it with TV-L1 on the same engine.
 
 A denoiser is any callable ``denoiser(u, weight) -> v`` on displacements of
-shape ``(ndim, *spatial)`` (see ``varreg.denoisers``): it should approximately
+shape ``(ndim, *spatial)`` (the protocol ``varreg.engine.Denoiser``; see
+``varreg.denoisers``): it should approximately
 solve ``min_v R(v) + |v - u|^2 / (2 weight)`` for your ``R``. Here:
 
 * ``gaussian``: a plain function, Gaussian smoothing whose width grows with
@@ -62,7 +63,8 @@ def compare(name, fixed, moving, score, candidates):
 
 def main():
     # The default schedule follows the denoiser with quadratic refinement warps on the two finest
-    # levels (varreg.DEFAULTS "refine"); refine=0 shows a regulariser alone.
+    # levels (the field refine of varreg.SolverOptions, default (10, 30)); refine=0 shows a
+    # regulariser alone. lam overrides the data term's default (varreg.data_terms.L1.weights).
     candidates = {
         "varreg default (TV pyramid + quadratic warps)": {},
         "TV-L1 alone (lam 0.04, 5 warps, refine=0)": dict(lam=0.04, warps=5, refine=0),
