@@ -150,7 +150,7 @@ def test_per_level_schedules_reach_the_api_as_tuples(tmp_path, spied_pair):
     o = kw["options"]
     assert o.warps == (2, 4) and o.refine == (0, 6) and o.refine_lam == 0.02
     for extra, message in ((["--refine-denoiser", "bm3d"], "--refine-denoiser: refine_denoiser must be one of"),
-                           (["--data-term", "ncc"], "--data-term: unknown data_term 'ncc'"),
+                           (["--data-term", "mind"], "--data-term: unknown data_term 'mind'"),
                            (["--denoiser", "bm3d"], "--denoiser: unknown denoiser 'bm3d'"),
                            (["--device", "tpu"], "--device: device must be one of"),
                            (["--post-warps", "2"], "--post-warps: goes with --denoiser unet"),

@@ -39,8 +39,8 @@ def test_register_rejects_bad_pairs(img, name, make, exc, match):
 
 
 BAD_OPTIONS = [
-    (dict(data_term="ncc"), ValueError, r"unknown data_term 'ncc'; choose one of \['l1', 'l2'\]"),
-    (dict(data_term=42), ValueError, r"data_term must be one of \['l1', 'l2'\] or an object"),
+    (dict(data_term="mind"), ValueError, r"unknown data_term 'mind'; choose one of \['l1', 'l2', 'ncc'\]"),
+    (dict(data_term=42), ValueError, r"data_term must be one of \['l1', 'l2', 'ncc'\] or an object"),
     (dict(denoiser="bm3d"), ValueError, r"unknown denoiser 'bm3d'; choose one of"),
     (dict(denoiser=3.0), ValueError, r"denoiser must be a name or a callable"),
     (dict(denoiser="unet"), ValueError, r"denoiser 'unet' is VR-Net, which lives in varreg_learned"),

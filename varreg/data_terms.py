@@ -35,9 +35,10 @@ import numpy as np
 from .backend import host_float, is_numpy, namespace, spatial_ndim, takes_kernel
 from .differences import central_gradient
 from .engine import Weights
-from .resample import warp
+from .resample import gaussian_smooth, warp
 
-__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "L1", "L2", "DATA_TERMS", "make_data_term"]
+__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "L1", "L2", "NCC", "DATA_TERMS",
+           "make_data_term"]
 
 
 class Linearised(NamedTuple):
@@ -130,7 +131,85 @@ class L2:
         return l2_step(v, lin.g, lin.rho0, lin.gg, theta)
 
 
-DATA_TERMS = {"l1": L1, "l2": L2}
+def local_standardise(image, ndim: int, window: float, floor: float):
+    """``(I - mu) / sqrt(var + f)``: ``image`` ``(*batch, *spatial)`` standardised in a local window.
+
+    ``mu`` and ``var`` are the image's mean and variance in a Gaussian window
+    with the variance of a box of ``window`` voxels (standard deviation
+    ``window / sqrt(12)``), border replicated. ``f = (floor * s)^2`` with ``s``
+    the image's global standard deviation keeps flat regions (background noise)
+    from being blown up to unit variance; a constant image maps to zeros. A
+    positive affine change ``a I + b`` of the image leaves the result unchanged.
+    """
+    xp = namespace(image)
+    sigma = float(window) / 12.0**0.5
+    mu = gaussian_smooth(image, sigma, ndim)
+    var = xp.maximum(gaussian_smooth(image * image, sigma, ndim) - mu * mu, xp.zeros_like(mu))
+    axes = tuple(range(image.ndim - ndim, image.ndim))
+    centred = image - xp.mean(image, axis=axes, keepdims=True)
+    f = floor * floor * xp.mean(centred * centred, axis=axes, keepdims=True)
+    # relative to the image's own scale; the absolute term only guards a constant image (then image == mu)
+    return (image - mu) / xp.sqrt(var + f + 1e-20)
+
+
+@dataclass(frozen=True)
+class NCC:
+    """Local normalised cross-correlation, by local standardisation (s = 1 on standardised intensities).
+
+    The local correlation coefficient of two images is one minus half the mean
+    squared difference of their locally standardised versions (Cachier et al.
+    2003, "Iconic feature based nonrigid registration: the PASHA algorithm";
+    the cross-correlation metric of ANTs SyN, Avants et al. 2008). Here each
+    image is standardised in its own frame, once per pyramid level
+    (:meth:`prepare`, :func:`local_standardise`), and the warps compare the
+    standardised images with the robust L1 term: the linearisation and the
+    point-wise u-step are those of :class:`L1` (paper eq. 5), closed form, on
+    any backend. Its statistics follow the moving image as it is warped, which
+    for a locally near-translational deformation equals restandardising the
+    warped image at every warp, at no cost per warp. A positive affine change
+    of either image's intensities (local gain and offset too, over distances
+    larger than the window) leaves the displacement unchanged.
+
+    The defaults (window, weights: the L1 schedule's with theta and lam scaled
+    by 2.5, as standardised differences are larger than intensity differences)
+    were chosen on ACDC train slices with and without a contrast change
+    (``benchmarks/contrast_change.py --grid``; figures in docs/bench.md).
+
+    Parameters
+    ----------
+    window : the local window, voxels of each pyramid level (a Gaussian with the variance of a box this
+        wide); ``None``: :attr:`default_window`, or a level's shortest axis where that is shorter.
+    floor : the local standard deviation's floor relative to the image's global one (flat regions).
+    eps : as :class:`L1`, keeps flat regions finite in the step.
+    """
+
+    window: float | None = None
+    floor: float = 0.1
+    eps: float = 1e-6
+    name = "ncc"
+    weights = Weights(theta=0.25, lam=0.25, refine_lam=0.1)
+    default_window = 41
+
+    def __post_init__(self):
+        if self.window is not None and not (isinstance(self.window, (int, float)) and self.window >= 2):
+            raise ValueError(f"ncc window must be a number of voxels >= 2, got {self.window!r}")
+        if not (isinstance(self.floor, (int, float)) and self.floor >= 0):
+            raise ValueError(f"ncc floor must be >= 0, got {self.floor!r}")
+
+    def prepare(self, fixed, moving, ndim: int):
+        shortest = min(fixed.shape[fixed.ndim - ndim:])
+        window = min(self.default_window if self.window is None else self.window, shortest)
+        return (local_standardise(fixed, ndim, window, self.floor),
+                local_standardise(moving, ndim, window, self.floor))
+
+    def linearise(self, fixed, moving, u, ndim: int) -> Linearised:
+        return Linearised(*linearise(fixed, moving, u, ndim, self.eps))
+
+    def step(self, v, lin: Linearised, theta):
+        return l1_step(v, lin.g, lin.rho0, lin.gg, theta)
+
+
+DATA_TERMS = {"l1": L1, "l2": L2, "ncc": NCC}
 
 
 def make_data_term(spec):

@@ -54,6 +54,10 @@ class DataTerm(Protocol):
     given). The engine never looks inside the linearisation: a data term may
     keep there whatever its step needs (the warped image, its gradient, local
     statistics).
+
+    May also define ``prepare(fixed, moving, ndim) -> (fixed', moving')``: the images
+    the linearisation works on, computed once per call of :func:`solve` (per
+    pyramid level), e.g. locally standardised intensities (:class:`varreg.data_terms.NCC`).
     """
 
     name: str
@@ -125,6 +129,9 @@ def solve(fixed, moving, u, *, data_term: DataTerm, denoiser, theta, lam: float,
     for d in {id(d): d for d in denoisers}.values():
         if hasattr(d, "reset"):
             d.reset()
+    prepare = getattr(data_term, "prepare", None)
+    if prepare is not None:
+        fixed, moving = prepare(fixed, moving, ndim)
     v = u
     c = 0
     for w in range(n_warps):

@@ -65,6 +65,8 @@ class SolverOptions(Options):
     denoiser: object = _opt("tv", "name", "Regulariser solved in the denoising step, a name in "
                                           "varreg.denoisers.DENOISERS; in Python also a callable "
                                           "denoiser(u, weight) -> v.")
+    window: float | None = _opt(None, "float+", "Local window (voxels) of a data term that has one (ncc; None: its "
+                                                "default).")
     theta: float | None = _opt(None, "float+", "Splitting penalty θ (intensities scaled to [0, 1]).")
     lam: float | None = _opt(None, "float+", "Regularisation weight λ of the pyramid's warps; larger is smoother.")
     warps: int | tuple = _opt((2, 5), "counts1", "Gauss-Newton warps with the denoiser per pyramid level: one count "
@@ -110,6 +112,11 @@ class SolverOptions(Options):
         if not (isinstance(self.refine_denoiser, str) and self.refine_denoiser.lower() in DENOISERS):
             raise OptionError("refine_denoiser", f"refine_denoiser must be one of {sorted(DENOISERS)}, got "
                                                  f"{self.refine_denoiser!r}")
+        if self.window is not None:
+            if not hasattr(make_data_term(self.data_term), "window"):
+                raise OptionError("window", f"the data term {self.data_term!r} has no window (ncc has one)")
+            if not (_is_number(self.window) and self.window >= 2):
+                raise OptionError("window", f"window must be a number of voxels >= 2, got {self.window!r}")
         for name in ("theta", "lam", "refine_lam"):
             val = getattr(self, name)
             if val is not None and not (_is_number(val) and math.isfinite(val) and val > 0):

@@ -8,6 +8,7 @@ and :func:`register_images` (two :class:`varreg.io.Image` on one grid: 3-D, one
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -148,6 +149,12 @@ def register(fixed, moving, *, spacing=None, initial=None, options: SolverOption
     fixed, moving = validate_pair(fixed, moving)
     ndim = fixed.ndim
     dterm = make_data_term(opts.data_term)
+    if opts.window is not None:
+        dterm = dataclasses.replace(dterm, window=opts.window)
+    window = getattr(dterm, "window", None)
+    if window is not None and window > min(fixed.shape):
+        raise ValueError(f"{dterm.name} window of {window:g} voxels is larger than the image (shape "
+                         f"{tuple(fixed.shape)}); choose a window smaller than its shortest axis")
     w = weights_of(dterm, given=opts)
     theta, lam, refine_lam = w.theta, w.lam, w.refine_lam
     if spacing is None:

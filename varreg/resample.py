@@ -173,9 +173,33 @@ def gaussian_smooth(image, sigma: float, ndim: int):
     xp = namespace(image)
     if is_torch(xp):
         return _gaussian_torch(image, sigma, ndim)
+    if not (is_numpy(xp) or is_cupy(xp)):
+        return _gaussian_generic(xp, image, sigma, ndim)
     ndi = _ndimage(xp)
     sig = [0.0] * (image.ndim - ndim) + [float(sigma)] * ndim
     return ndi.gaussian_filter(image, sig, mode="nearest", truncate=3.0)
+
+
+def _gaussian_generic(xp, image, sigma, ndim):
+    """Array-API-only separable Gaussian, border replicated, with scipy's kernel (radius
+    ``int(3 sigma + 0.5)``, weights normalised): the reference for namespaces without a filter."""
+    radius = int(3.0 * sigma + 0.5)
+    x = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
+    total = sum(x)
+    weights = [w / total for w in x]
+    out = image
+    for axis in range(image.ndim - ndim, image.ndim):
+        n = out.shape[axis]
+        idx = xp.asarray([min(max(i, 0), n - 1) for i in range(-radius, n + radius)], device=array_device(out))
+        padded = xp.take(out, idx, axis=axis)
+        acc = None
+        for k, w in enumerate(weights):
+            sl = [slice(None)] * out.ndim
+            sl[axis] = slice(k, k + n)
+            term = w * padded[tuple(sl)]
+            acc = term if acc is None else acc + term
+        out = acc
+    return out
 
 
 def _gaussian_torch(image, sigma, ndim):
