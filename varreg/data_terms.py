@@ -37,8 +37,8 @@ from .differences import central_gradient
 from .engine import Weights
 from .resample import gaussian_smooth, warp
 
-__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "L1", "L2", "NCC", "DATA_TERMS",
-           "make_data_term"]
+__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "L1", "L2", "NCC", "Masked",
+           "DATA_TERMS", "make_data_term"]
 
 
 class Linearised(NamedTuple):
@@ -131,25 +131,40 @@ class L2:
         return l2_step(v, lin.g, lin.rho0, lin.gg, theta)
 
 
-def local_standardise(image, ndim: int, window: float, floor: float):
+def local_standardise(image, ndim: int, window: float, floor: float, mask=None):
     """``(I - mu) / sqrt(var + f)``: ``image`` ``(*batch, *spatial)`` standardised in a local window.
 
     ``mu`` and ``var`` are the image's mean and variance in a Gaussian window
     with the variance of a box of ``window`` voxels (standard deviation
-    ``window / sqrt(12)``), border replicated. ``f = (floor * s)^2`` with ``s``
-    the image's global standard deviation keeps flat regions (background noise)
-    from being blown up to unit variance; a constant image maps to zeros. A
-    positive affine change ``a I + b`` of the image leaves the result unchanged.
+    ``window / sqrt(12)``), border replicated; with a binary ``mask``
+    (``(*spatial)``) over the voxels inside it only (normalised convolution), so
+    that what is masked out does not leak into its neighbours' statistics.
+    ``f = (floor * s)^2`` with ``s`` the image's global standard deviation (inside
+    the mask) keeps flat regions (background noise) from being blown up to unit
+    variance; a constant image maps to zeros. A positive affine change
+    ``a I + b`` of the image leaves the result unchanged.
     """
     xp = namespace(image)
     sigma = float(window) / 12.0**0.5
-    mu = gaussian_smooth(image, sigma, ndim)
-    var = xp.maximum(gaussian_smooth(image * image, sigma, ndim) - mu * mu, xp.zeros_like(mu))
     axes = tuple(range(image.ndim - ndim, image.ndim))
-    centred = image - xp.mean(image, axis=axes, keepdims=True)
-    f = floor * floor * xp.mean(centred * centred, axis=axes, keepdims=True)
+    if mask is None:
+        mu = gaussian_smooth(image, sigma, ndim)
+        second = gaussian_smooth(image * image, sigma, ndim)
+        mean = xp.mean(image, axis=axes, keepdims=True)
+        centred = image - mean
+        glob = xp.mean(centred * centred, axis=axes, keepdims=True)
+    else:
+        m = xp.astype(mask, image.dtype)
+        wsum = xp.maximum(gaussian_smooth(m, sigma, ndim), xp.full_like(m, 1e-6))
+        mu = gaussian_smooth(m * image, sigma, ndim) / wsum
+        second = gaussian_smooth(m * image * image, sigma, ndim) / wsum
+        count = xp.maximum(xp.sum(m, axis=axes, keepdims=True), xp.ones_like(xp.sum(m, axis=axes, keepdims=True)))
+        mean = xp.sum(m * image, axis=axes, keepdims=True) / count
+        centred = (image - mean) * m
+        glob = xp.sum(centred * centred, axis=axes, keepdims=True) / count
+    var = xp.maximum(second - mu * mu, xp.zeros_like(mu))
     # relative to the image's own scale; the absolute term only guards a constant image (then image == mu)
-    return (image - mu) / xp.sqrt(var + f + 1e-20)
+    return (image - mu) / xp.sqrt(var + floor * floor * glob + 1e-20)
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,7 @@ class NCC:
     name = "ncc"
     weights = Weights(theta=0.25, lam=0.25, refine_lam=0.1)
     default_window = 41
+    prepare_takes_masks = True
 
     def __post_init__(self):
         if self.window is not None and not (isinstance(self.window, (int, float)) and self.window >= 2):
@@ -196,17 +212,80 @@ class NCC:
         if not (isinstance(self.floor, (int, float)) and self.floor >= 0):
             raise ValueError(f"ncc floor must be >= 0, got {self.floor!r}")
 
-    def prepare(self, fixed, moving, ndim: int):
+    def prepare(self, fixed, moving, ndim: int, fixed_mask=None, moving_mask=None):
+        """The locally standardised pair (statistics inside the masks, when given)."""
         shortest = min(fixed.shape[fixed.ndim - ndim:])
         window = min(self.default_window if self.window is None else self.window, shortest)
-        return (local_standardise(fixed, ndim, window, self.floor),
-                local_standardise(moving, ndim, window, self.floor))
+        return (local_standardise(fixed, ndim, window, self.floor, fixed_mask),
+                local_standardise(moving, ndim, window, self.floor, moving_mask))
 
     def linearise(self, fixed, moving, u, ndim: int) -> Linearised:
         return Linearised(*linearise(fixed, moving, u, ndim, self.eps))
 
     def step(self, v, lin: Linearised, theta):
         return l1_step(v, lin.g, lin.rho0, lin.gg, theta)
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A data term that counts only inside masks; elsewhere the regulariser alone shapes the field.
+
+    ``fixed_masks`` / ``moving_masks``: ``{level shape: mask}`` with masks
+    ``(*spatial)`` of 0 and 1 on that level's grid (the fixed one for both; the
+    moving mask is in the moving image's frame and is warped by the current
+    displacement at every warp). Where the product is 0 the image gradient of
+    the linearisation is set to zero, so that the u-step returns ``v`` there
+    (the data term is absent); the wrapped term must return a :class:`Linearised`.
+    """
+
+    term: Any
+    fixed_masks: dict
+    moving_masks: dict
+
+    @property
+    def name(self):
+        return self.term.name
+
+    @property
+    def weights(self):
+        return getattr(self.term, "weights", None)
+
+    def prepare(self, fixed, moving, ndim: int):
+        prepare = getattr(self.term, "prepare", None)
+        if prepare is None:
+            return fixed, moving
+        shape = tuple(fixed.shape[fixed.ndim - ndim:])
+        fm, mm = self.fixed_masks.get(shape), self.moving_masks.get(shape)
+        if (fm is None and mm is None) or not getattr(self.term, "prepare_takes_masks", False):
+            return prepare(fixed, moving, ndim)
+        # local statistics over one support in both images (each in its own frame, as the statistics
+        # themselves): what either mask leaves out does not leak into its neighbours' statistics
+        both = fm if mm is None else (mm if fm is None else fm * mm)
+        return prepare(fixed, moving, ndim, fixed_mask=both, moving_mask=both)
+
+    def linearise(self, fixed, moving, u, ndim: int) -> Linearised:
+        lin = self.term.linearise(fixed, moving, u, ndim)
+        if not isinstance(lin, Linearised):
+            raise TypeError(f"masks need a data term whose linearisation is a varreg.data_terms.Linearised; "
+                            f"{type(self.term).__name__} returns {type(lin).__name__}")
+        shape = tuple(fixed.shape[fixed.ndim - ndim:])
+        m = self.fixed_masks.get(shape)
+        mm = self.moving_masks.get(shape)
+        if mm is not None:
+            xp = namespace(mm)
+            mw = xp.astype(warp(mm, u) >= 0.5, mm.dtype)
+            m = mw if m is None else m * mw
+        if m is None:
+            return lin
+        xp = namespace(lin.g)
+        m = xp.astype(m, lin.g.dtype)
+        g = lin.g * xp.expand_dims(m, axis=lin.g.ndim - ndim - 1)
+        # outside, g = 0 makes the step return v whatever gg is; 1 keeps its division finite
+        gg = m * lin.gg + (1 - m)
+        return Linearised(lin.warped, g, lin.rho0, gg)
+
+    def step(self, v, lin, theta):
+        return self.term.step(v, lin, theta)
 
 
 DATA_TERMS = {"l1": L1, "l2": L2, "ncc": NCC}

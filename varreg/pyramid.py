@@ -8,7 +8,7 @@ from array_api_compat import device
 from .backend import namespace
 from .resample import gaussian_smooth, resize, resize_displacement
 
-__all__ = ["level_shapes", "coarse_to_fine", "smoothing_sigma"]
+__all__ = ["level_shapes", "coarse_to_fine", "smoothing_sigma", "mask_pyramid"]
 
 
 def smoothing_sigma(scale: float) -> float:
@@ -64,3 +64,16 @@ def coarse_to_fine(fixed, moving, solve_level, *, shapes, ndim: int, scale: floa
             u = resize_displacement(u, shapes[lvl], ndim)
         u = solve_level(fixed_l[lvl], moving_l[lvl], u, lvl)
     return u
+
+
+def mask_pyramid(mask, *, shapes, ndim: int, scale: float) -> dict:
+    """``{shape: mask}`` for every level: the binary ``mask`` smoothed and resized as the images are,
+    then 1 where at least half of a coarse voxel was inside (float32 0/1)."""
+    xp = namespace(mask)
+    sigma = smoothing_sigma(scale)
+    m = xp.astype(mask, xp.float32)
+    out = {tuple(shapes[0]): m}
+    for s in shapes[1:]:
+        m = resize(gaussian_smooth(m, sigma, ndim), s, ndim)
+        out[tuple(s)] = xp.astype(m >= 0.5, xp.float32)
+    return out

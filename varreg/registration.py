@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backend
-from .data_terms import make_data_term
+from .data_terms import Masked, make_data_term
 from .denoisers import make_denoiser
 from .engine import solve
 from .options import SolverOptions, at_level, weights_of
-from .pyramid import coarse_to_fine, level_shapes
+from .pyramid import coarse_to_fine, level_shapes, mask_pyramid
 from .resample import warp as _warp
 
 __all__ = ["register", "register_slices", "register_images", "RegistrationResult", "ImageRegistration",
-           "validate_pair", "normalise_pair", "registration_mode"]
+           "validate_pair", "normalise_pair", "registration_mode", "check_mask"]
 
 
 @dataclass
@@ -97,7 +97,8 @@ def normalise_pair(fixed, moving):
     return (f - lo) * scale, (m - lo) * scale
 
 
-def register(fixed, moving, *, spacing=None, initial=None, options: SolverOptions | None = None, **fields):
+def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, moving_mask=None,
+             options: SolverOptions | None = None, **fields):
     """Deformable registration of ``moving`` onto ``fixed`` (TV-L1 and its relatives).
 
     Minimises ``(1/s)|I1(x + u) - I0|^s + lam R(u)`` by Gauss-Newton warps,
@@ -115,6 +116,10 @@ def register(fixed, moving, *, spacing=None, initial=None, options: SolverOption
         Stacks of slices several times thicker than their pixels (cine MRI)
         register better slice by slice: :func:`register_slices`.
     initial : optional initial displacement ``(ndim, *fixed.shape)``, voxels.
+    fixed_mask, moving_mask : optional binary masks of ``fixed.shape`` (bool or 0/1), the
+        moving one in the moving image's frame: the data term counts only where both are 1
+        (the moving mask taken at ``x + u(x)``); elsewhere the regulariser alone shapes the
+        field (an artefact, a lesion, a structure present in one image only).
     options : a :class:`varreg.options.SolverOptions` (default: all defaults).
     **fields : solver options by name, overriding ``options``: ``data_term``,
         ``denoiser``, ``theta``, ``lam``, ``warps``, ``iterations``,
@@ -185,6 +190,13 @@ def register(fixed, moving, *, spacing=None, initial=None, options: SolverOption
 
     den = make_denoiser(opts.denoiser, spacing=rel_spacing, n_iter=opts.denoiser_iterations)
     shapes = level_shapes(fixed.shape, scale=opts.scale, levels=opts.levels, min_size=opts.min_size)
+    masks = {}
+    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+        if mask is not None:
+            masks[name] = mask_pyramid(backend.to_device(check_mask(name, mask, fixed.shape), dev), shapes=shapes,
+                                       ndim=ndim, scale=opts.scale)
+    if masks:
+        dterm = Masked(dterm, masks.get("fixed_mask", {}), masks.get("moving_mask", {}))
     warps_at = [at_level(opts.warps, lvl, repeat_last=True) for lvl in range(len(shapes))]
     refine_at = [at_level(opts.refine, lvl, repeat_last=False) for lvl in range(len(shapes))]
     # the refinement regularises in voxel units, as det(I + grad u) counts folds: scaled by the spacing, its
@@ -219,8 +231,26 @@ def register(fixed, moving, *, spacing=None, initial=None, options: SolverOption
     return RegistrationResult(displacement=u, warped=warped, info=info)
 
 
+def check_mask(name: str, mask, shape) -> np.ndarray:
+    """A binary mask of ``shape`` as float32 0/1; a ``ValueError`` naming ``name`` for another shape,
+    values other than 0 and 1, NaN, or an empty mask."""
+    m = np.asarray(backend.to_numpy(mask))
+    if m.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {m.shape}; expected the image's shape {tuple(shape)}")
+    if m.dtype.kind not in "biuf":
+        raise ValueError(f"{name} has dtype {m.dtype}; expected a binary (0/1 or bool) array")
+    if m.dtype.kind == "f" and not np.isfinite(m).all():
+        raise ValueError(f"{name} contains NaN or Inf values; expected 0 and 1 only")
+    values = np.unique(m)
+    if not np.isin(values, (0, 1)).all():
+        raise ValueError(f"{name} is not binary: it holds values other than 0 and 1 (e.g. {values[~np.isin(values, (0, 1))][0]!r})")
+    if not values.any():
+        raise ValueError(f"{name} is empty (all 0): the data term would count nowhere")
+    return m.astype(np.float32)
+
+
 def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None, progress=None, method=None,
-                    **options):
+                    fixed_mask=None, moving_mask=None, **options):
     """Slice-by-slice 2-D registration of two 3-D stacks (thick-slice cine MRI and the like).
 
     Every 2-D slice of ``moving`` along ``axis`` is registered to the same slice of
@@ -241,6 +271,9 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
         e.g. ``tqdm``.
     method : ``method(fixed2d, moving2d, *, spacing, initial, **options) -> RegistrationResult``;
         default :func:`register`.
+    fixed_mask, moving_mask : optional binary masks of the stacks' shape (see :func:`register`),
+        passed slice by slice; a slice whose mask is empty has no data term and keeps a zero
+        displacement.
 
     Returns
     -------
@@ -271,12 +304,20 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
         if initial.shape != (3, *fixed.shape):
             raise ValueError(f"initial displacement has shape {initial.shape}; expected {(3, *fixed.shape)}")
         initial = initial[plane]  # the in-plane components; the through-slice one is ignored
+    masks = {name: check_mask(name, m, fixed.shape) for name, m in (("fixed_mask", fixed_mask),
+                                                                   ("moving_mask", moving_mask)) if m is not None}
     n = fixed.shape[axis]
     per, infos = [], []
     for k in progress(range(n)) if progress is not None else range(n):
         init = None if initial is None else np.take(initial, k, axis=axis + 1)
+        kw = {name: np.take(m, k, axis=axis) for name, m in masks.items()}
+        if any(not m.any() for m in kw.values()):  # no data term in this slice: the regulariser keeps zero
+            per.append(np.zeros((2, *np.take(fixed, k, axis=axis).shape), np.float32) if init is None
+                       else np.asarray(init, np.float32))
+            infos.append(dict(infos[-1] if infos else {}, time_s=0.0, empty_mask=True))
+            continue
         res = method(np.take(fixed, k, axis=axis), np.take(moving, k, axis=axis), spacing=sp, initial=init,
-                     **options)
+                     **kw, **options)
         per.append(np.asarray(backend.to_numpy(res.displacement), np.float32))
         infos.append(res.info)
     u = np.zeros((3, *fixed.shape), np.float32)
@@ -338,7 +379,7 @@ def _warp_checked(image, u, order):
 
 
 def register_images(fixed_img, moving, *, slices: bool = False, isotropic: bool = False, initial=None, method=None,
-                    progress=None, **options) -> ImageRegistration:
+                    progress=None, fixed_mask=None, moving_mask=None, **options) -> ImageRegistration:
     """Register ``moving`` onto the grid of ``fixed_img`` (a :class:`varreg.io.Image`), by its geometry.
 
     A 3-D volume in 3-D (``spacing`` from the affine), a single slice (one axis
@@ -355,6 +396,8 @@ def register_images(fixed_img, moving, *, slices: bool = False, isotropic: bool 
     initial : optional initial displacement ``(3, X, Y, Z)`` in voxels of the fixed grid.
     method : as in :func:`register_slices` (default :func:`register`); ``options`` go to it.
     progress : wrapper of the slice iterator in ``"slices"`` mode.
+    fixed_mask, moving_mask : optional binary masks on the fixed grid ``(X, Y, Z)`` (the moving
+        one resampled there with the moving image); see :func:`register`.
 
     Returns
     -------
@@ -373,20 +416,24 @@ def register_images(fixed_img, moving, *, slices: bool = False, isotropic: bool 
         raise ValueError(f"moving data of shape {moving.shape} do not fit the fixed grid {shape}")
     mode = registration_mode(fixed_img, slices)
     active = fixed_img.active_axes
+    masks = {name: check_mask(name, m, shape) for name, m in (("fixed_mask", fixed_mask),
+                                                              ("moving_mask", moving_mask)) if m is not None}
     sp = None if isotropic else tuple(fixed_img.spacing[i] for i in (active if mode == "2d" else (0, 1, 2)))
     u = np.zeros((3, *shape), np.float32)
     if mode == "slices":
         res = register_slices(fixed_img.data, moving, axis=2, spacing=sp, initial=initial, progress=progress,
-                              method=method, **options)
+                              method=method, **masks, **options)
         u[:] = res.displacement
         return ImageRegistration(u, mode, sum(i["time_s"] for i in res.info["slices"]), res.info["slices"][-1])
     if mode == "3d":
-        res = method(fixed_img.data, moving, spacing=sp, initial=initial, **options)
+        res = method(fixed_img.data, moving, spacing=sp, initial=initial, **masks, **options)
         u[:] = np.asarray(backend.to_numpy(res.displacement), np.float32)
         return ImageRegistration(u, mode, res.info["time_s"], res.info)
     c = [i for i in range(3) if i not in active][0]
     init = None if initial is None else np.stack([np.take(initial[i], 0, axis=c) for i in active])
-    res = method(np.take(fixed_img.data, 0, axis=c), np.take(moving, 0, axis=c), spacing=sp, initial=init, **options)
+    masks2 = {name: np.take(m, 0, axis=c) for name, m in masks.items()}
+    res = method(np.take(fixed_img.data, 0, axis=c), np.take(moving, 0, axis=c), spacing=sp, initial=init,
+                 **masks2, **options)
     u2 = np.asarray(backend.to_numpy(res.displacement), np.float32)
     for k, i in enumerate(active):
         u[i] = np.expand_dims(u2[k], c)
