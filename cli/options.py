@@ -61,6 +61,7 @@ def _click_type(kind: str):
         "counts0": (Counts(0), "N[,N...]"),
         "device": (str, "DEVICE"),
         "precision": (click.Choice(["auto", "float32", "bfloat16"]), None),
+        "affine": (click.Choice(["rigid", "similarity", "affine"]), None),
     }[kind]
 
 

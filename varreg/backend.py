@@ -11,7 +11,9 @@ importing CuPy succeeds on machines with no driver, so an import is no proof.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import numpy as np
 from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace, is_torch_namespace
@@ -28,6 +30,9 @@ __all__ = [
     "spatial_ndim",
     "host_float",
     "takes_kernel",
+    "busy_cores",
+    "fair_threads",
+    "fair_share",
 ]
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -139,3 +144,76 @@ def takes_kernel(u, ndim: int, *scalars) -> bool:
     """Whether a numba kernel of :mod:`varreg.kernels` takes this call: an unbatched NumPy field
     ``(ndim, *spatial)`` (or image) and Python-number parameters (no tensors)."""
     return isinstance(u, np.ndarray) and u.ndim == ndim + 1 and not any(hasattr(s, "shape") for s in scalars)
+
+
+# --------------------------------------------------------------------------- threads on a shared machine
+#: ``VARREG_FAIR_THREADS=0`` turns :func:`fair_threads` off (every call then uses the configured threads)
+_FAIR = os.environ.get("VARREG_FAIR_THREADS", "1") != "0"
+
+
+def _running_threads_elsewhere() -> int | None:
+    """Threads of other processes that are running or runnable now (Linux ``/proc``), or None where unknown.
+
+    ``/proc/loadavg``'s fourth field counts every runnable thread on the machine, this
+    process's own included (the caller, and OpenMP workers still spinning after a parallel
+    region); those of this process are read from ``/proc/self/task/*/stat`` and subtracted.
+    """
+    try:
+        with open("/proc/loadavg") as fh:
+            total = int(fh.read().split()[3].split("/")[0])
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as fh:
+                    own += fh.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                continue
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(total - max(own, 1), 0)
+
+
+def busy_cores() -> int:
+    """How many of this process's usable cores other processes keep busy now (0 where unknown)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    reads = [_running_threads_elsewhere() for _ in range(3)]  # a snapshot is noisy: the least of three
+    known = [r for r in reads if r is not None]
+    return min(min(known), cores) if known else 0
+
+
+def fair_share(configured: int) -> int:
+    """The threads a parallel solve should use now: ``configured``, less the cores that other
+    processes keep busy, at least 1. On a loaded machine a parallel region waits at every barrier
+    for a thread the OS has descheduled; fewer threads than cores that are free avoids it."""
+    if not _FAIR or configured <= 1:
+        return max(int(configured), 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    free = cores - busy_cores()
+    return max(1, min(int(configured), free))
+
+
+@contextlib.contextmanager
+def fair_threads(torch_too: bool = False):
+    """Within the block, numba's kernels (and torch's, with ``torch_too``) use :func:`fair_share` of their
+    configured thread count; the setting is restored on exit. numba's count is per calling thread."""
+    import numba
+
+    n = numba.get_num_threads()
+    k = fair_share(n)
+    tn = None
+    if torch_too:
+        import torch
+
+        tn = torch.get_num_threads()
+        torch.set_num_threads(fair_share(tn))
+    if k != n:
+        numba.set_num_threads(k)
+    try:
+        yield k
+    finally:
+        if k != n:
+            numba.set_num_threads(n)
+        if tn is not None:
+            import torch
+
+            torch.set_num_threads(tn)

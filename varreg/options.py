@@ -85,6 +85,9 @@ class SolverOptions(Options):
     refine_denoiser: str = _opt("quadratic", "name", "Denoiser of the refine warps (a name in "
                                                      "varreg.denoisers.DENOISERS).")
     refine_lam: float | None = _opt(None, "float+", "Regularisation weight λ of the refine warps.")
+    affine: object = _opt(False, "affine", "An affine stage first, on its own pyramid (varreg.affine): rigid, "
+                                           "similarity or affine (True: affine); the deformable solver starts from "
+                                           "it and the displacement is the whole transform.")
     normalise: bool = _opt(True, "flag", "Scale the pair jointly to [0, 1] first (the default weights assume it).")
     device: str = _opt("auto", "device", "auto: a GPU when CuPy can use one, else the CPU; cpu; gpu.")
 
@@ -132,6 +135,14 @@ class SolverOptions(Options):
         object.__setattr__(self, "refine", _per_level("refine", self.refine, minimum=0))
         if not (_is_number(self.scale) and 0 < self.scale < 1):
             raise OptionError("scale", f"scale must be in (0, 1), got {self.scale!r}")
+        affine = self.affine
+        if affine is True:
+            object.__setattr__(self, "affine", "affine")
+        elif affine in (False, None, "none"):
+            object.__setattr__(self, "affine", False)
+        elif affine not in ("rigid", "similarity", "affine"):
+            raise OptionError("affine", f"affine must be one of rigid, similarity, affine (or True/False), got "
+                                        f"{affine!r}")
         if not isinstance(self.normalise, bool):
             raise OptionError("normalise", f"normalise must be True or False, got {self.normalise!r}")
         if self.device not in DEVICES:

@@ -8,6 +8,7 @@ and :func:`register_images` (two :class:`varreg.io.Image` on one grid: 3-D, one
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backend
+from .affine import displacement_of, estimate_affine, voxel_matrix
 from .data_terms import Masked, make_data_term
 from .denoisers import make_denoiser
 from .engine import solve
@@ -36,11 +38,16 @@ class RegistrationResult:
         fixed grid, pull-back: ``moving(x + displacement(x))`` matches ``fixed(x)``.
     warped : the moving image resampled by ``displacement`` (``fixed.shape``).
     info : run information (options used, pyramid shapes, time in seconds, device).
+    affine : with ``affine=...``: the affine stage's transform on voxel indices, a homogeneous
+        ``(ndim + 1, ndim + 1)`` matrix mapping a fixed voxel to a moving one
+        (:func:`varreg.affine.voxel_matrix`; :func:`varreg.affine.world_matrix` for world
+        coordinates); ``displacement`` is the whole transform, the affine included. Else None.
     """
 
     displacement: object
     warped: object
     info: dict = field(default_factory=dict)
+    affine: object = None
 
 
 def _as_array(name, a):
@@ -180,7 +187,17 @@ def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, movi
     else:
         f32, m32 = xp.astype(fixed_d, xp.float32), xp.astype(moving_d, xp.float32)
 
-    u0 = None
+    u0, affine_m, affine_info = None, None, None
+    if opts.affine:
+        if initial is not None:
+            raise ValueError("affine= and initial= exclude each other: the affine stage computes the start")
+        ta = time.perf_counter()
+        est = estimate_affine(backend.to_numpy(f32), backend.to_numpy(m32), kind=opts.affine, spacing=spacing,
+                              min_size=opts.min_size)
+        affine_m = voxel_matrix(est)
+        affine_info = dict(kind=opts.affine, matrix=affine_m.tolist(), levels=est.info["levels"],
+                           time_s=time.perf_counter() - ta)
+        initial = displacement_of(affine_m, fixed.shape)
     if initial is not None:
         u0 = backend.to_device(np.asarray(backend.to_numpy(initial), dtype=np.float32), dev)
         if tuple(u0.shape) != (ndim, *fixed.shape):
@@ -212,7 +229,9 @@ def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, movi
                       n_warps=refine_at[lvl], n_iters=iterations, ndim=ndim)
         return u
 
-    u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=opts.scale, u0=u0)
+    # on the CPU, the kernels' threads follow the cores that other processes leave free (backend.fair_threads)
+    with backend.fair_threads() if dev == "cpu" else contextlib.nullcontext() as threads:
+        u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=opts.scale, u0=u0)
     moving_f = moving_d if moving_d.dtype.kind == "f" else xp.astype(moving_d, xp.float32)
     warped = _warp(moving_f, u)
     den_iters = getattr(den, "n_iter", opts.denoiser_iterations)
@@ -223,12 +242,12 @@ def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, movi
         theta=theta, lam=lam, warps=tuple(warps_at), iterations=iterations, denoiser_iterations=den_iters,
         scale=opts.scale, levels=len(shapes), shapes=shapes, spacing=spacing, device=dev,
         refine=tuple(refine_at), refine_denoiser=opts.refine_denoiser if any(refine_at) else None,
-        refine_lam=refine_lam if any(refine_at) else None,
+        refine_lam=refine_lam if any(refine_at) else None, threads=threads, affine=affine_info,
         time_s=time.perf_counter() - t0,
     )
     if host_input:
         u, warped = backend.to_numpy(u), backend.to_numpy(warped)
-    return RegistrationResult(displacement=u, warped=warped, info=info)
+    return RegistrationResult(displacement=u, warped=warped, info=info, affine=affine_m)
 
 
 def check_mask(name: str, mask, shape) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Register a pair with a trained VR-Net, optionally refined by the classical solver."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -111,8 +112,11 @@ def register_learned(fixed, moving, checkpoint, *, spacing=None, initial=None, o
         f32, m32 = fixed.astype(np.float32), moving.astype(np.float32)
     was_training = model.training
     model.eval()
+    cpu = torch.device(device).type == "cpu"
     try:
-        with torch.no_grad(), unet_precision(model, precision):
+        # on the CPU, torch's threads follow the cores that other processes leave free
+        with torch.no_grad(), unet_precision(model, precision), \
+                (varreg.backend.fair_threads(torch_too=True) if cpu else contextlib.nullcontext()):
             u = model(torch.from_numpy(np.ascontiguousarray(f32)).to(device)[None],
                        torch.from_numpy(np.ascontiguousarray(m32)).to(device)[None])[0]
     finally:
