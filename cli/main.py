@@ -73,6 +73,7 @@ def main():
     varreg evaluate FIXED_LABELS WARPED_LABELS [--displacement D]
     varreg bench --data ACDC_DIR -o REPORT [--quick]   compare methods (tables, plots)
     varreg train --data ACDC_DIR -o RUN_DIR [options]  train the VR-Net (needs torch), resumable
+    varreg batch MANIFEST.csv -o OUT [options]   a cohort of pairs on Dask, resumable
 
     Errors print one line 'error: <file>: <problem>' and exit with code 2.
     """
@@ -219,6 +220,58 @@ def demo(outdir, dim, slices, qc, seed, device, threads, force, quiet):
 
     pipeline.run_demo(outdir, dim=int(dim), slices=slices, qc=qc, seed=seed, force=force, quiet=quiet,
                       solver={"device": device}, threads=threads)
+
+
+@main.command(cls=SolverCommand, context_settings=CONTEXT)
+@click.argument("manifest", metavar="MANIFEST.csv")
+@click.option("-o", "--outdir", required=True, metavar="OUT",
+              help="Folder for the results: OUT/<id>/ per pair (what 'varreg register' writes) and OUT/results.csv.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Worker processes of the local cluster. Default: the usable cores / --threads-per-worker.")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None, metavar="T",
+              help="Solver threads of each local worker (numba, torch); each worker registers one pair at a time. "
+                   "Default: the usable cores / --workers (N x T <= cores; with neither: T = 1, N = cores).")
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="Run on an existing Dask cluster (e.g. tcp://127.0.0.1:8786) instead of a local one; its "
+                   "workers must see the input and output paths.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="S", help="Seconds to wait for --scheduler before giving up.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True, metavar="N",
+              help="Retries of a pair whose task raised an unexpected error; on the local cluster also the worker "
+                   "deaths a pair may survive (a dead worker is replaced, its pair run again).")
+@click.option("--qc", metavar="FILE", default=None,
+              help="Write a QC figure of every pair under this bare file name (.png/.pdf/.svg) in its folder.")
+@click.option("--resample", is_flag=True, help="As 'varreg register --resample', for every pair.")
+@click.option("--slices", is_flag=True,
+              help="As 'varreg register --slices': stacks slice by slice in 2-D; the Dice and HD95 columns of "
+                   "results.csv are then the means over the slices with every label present.")
+@click.option("--frame", type=click.IntRange(min=0), default=None, metavar="N", help="Frame of 4-D inputs.")
+@click.option("--fixed-frame", type=click.IntRange(min=0), default=None, metavar="N", help="Frame of 4-D FIXED inputs.")
+@click.option("--moving-frame", type=click.IntRange(min=0), default=None, metavar="N", help="Frame of 4-D MOVING inputs.")
+@click.option("--isotropic", is_flag=True, help="As 'varreg register --isotropic', for every pair.")
+@click.option("-f", "--force", is_flag=True,
+              help="Recompute pairs done with other inputs or options, and write over files the batch did not make.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table (errors still go to stderr).")
+def batch(manifest, outdir, workers, threads_per_worker, scheduler, connect_timeout, retries, qc, resample, slices,
+          frame, fixed_frame, moving_frame, isotropic, force, quiet, **solver):
+    """Register every pair of MANIFEST.csv on Dask (a local cluster, or --scheduler), resumably.
+
+    \b
+    MANIFEST.csv columns: id, fixed, moving [, fixed_labels, moving_labels]; paths
+    relative to the manifest's folder. Every option of 'varreg register' applies to
+    every pair. Writes OUT/<id>/ per pair and OUT/results.csv: id, status, error,
+    mean_dice, dice_<label>..., hd95 (mm, mean over labels), hd95_<label>...,
+    folding_percent, seconds. A rerun skips the pairs already done with the same
+    inputs and options. Exit code 0: every pair ok; 1: some pairs failed (their
+    rows say why; the others are done); 2: bad manifest, options, OUT or scheduler.
+    """
+    from . import batch as batch_mod
+
+    return batch_mod.run_cli(
+        manifest, outdir, workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
+        connect_timeout=connect_timeout, retries=retries, force=force, quiet=quiet, qc=qc, resample=resample,
+        slices=slices, frame=frame, fixed_frame=fixed_frame, moving_frame=moving_frame, isotropic=isotropic,
+        **solver)
 
 
 from .bench import bench as _bench  # noqa: E402  (imports click only; the work loads when it runs)
