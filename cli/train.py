@@ -98,7 +98,13 @@ RUN_OPTS = [
     click.option("--device", default="auto", show_default=True, metavar="DEV",
                  help="torch device: auto (cuda when torch.cuda.is_available(), else cpu), cpu, cuda, cuda:N."),
     click.option("--threads", type=_pos_int, default=None, metavar="N",
-                 help="torch CPU threads. Default: torch's (all cores)."),
+                 help="torch CPU threads (of each process with --nproc). Default: torch's (all cores); with N "
+                      "processes, the cores // N (at least 1)."),
+    click.option("--nproc", type=_pos_int, default=None, metavar="N",
+                 help="Data-parallel training in N processes (torch DistributedDataParallel; gloo on the CPU, nccl on "
+                      "CUDA, one GPU each). --batch-size stays the global batch, split evenly across them (the "
+                      "same samples as one process); rank 0 alone logs, validates and writes. Not needed under "
+                      "torchrun (its WORLD_SIZE is used). Default: 1."),
     click.option("--max-patients", type=_pos_int, default=None, metavar="N",
                  help="Use only the first N train patients (smoke runs)."),
     click.option("--val-max-patients", type=_pos_int, default=None, metavar="N",
@@ -173,6 +179,9 @@ def train(**opts):
         --val-max-pairs 40 --scale 0.5 --dice-weight 1 --augment --device cpu
     # seconds per step at the default size (synthetic pairs, nothing read or written)
     varreg train --benchmark 10 --threads 1
+    # data-parallel: 2 processes on one batch of 10 (5 pairs each); or under torchrun
+    varreg train --data ../shared/data/acdc -o runs/vrnet2d --batch-size 10 --nproc 2
+    torchrun --standalone --nproc_per_node 2 -m varreg_cli.main train --data ../shared/data/acdc -o runs/vrnet2d
 
     \b
     Train pairs: every slice of the train patients with labels in ED and ES,
@@ -203,6 +212,30 @@ def _device(torch, name: str) -> str:
     return name
 
 
+def _torchrun() -> int:
+    """The WORLD_SIZE of the torchrun that started this process, 0 when none did."""
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 0
+
+
+def _nproc(torch, o, device: str, check_world) -> int:
+    """The number of data-parallel processes, checked against the global batch (before any file is read)."""
+    n, world = o["nproc"], _torchrun()
+    if world:
+        if n is not None and n != world:
+            raise TrainFailure(f"--nproc {n}: this process is one of {world} started by torchrun (WORLD_SIZE "
+                               f"{world}); leave --nproc out under torchrun")
+        n = world
+    n = 1 if n is None else n
+    try:
+        check_world(o["batch_size"], n, flags=True)
+    except ValueError as exc:
+        raise TrainFailure(str(exc)) from None
+    if n > 1 and not world and torch.device(device).type == "cuda" and n > torch.cuda.device_count():
+        raise TrainFailure(f"--nproc {n}: only {torch.cuda.device_count()} CUDA device(s) here; on GPUs each "
+                           "process needs its own (fewer processes, or --device cpu)")
+    return n
+
+
 def _run(o) -> int:
     try:
         import torch
@@ -210,12 +243,14 @@ def _run(o) -> int:
         raise TrainFailure(f"varreg train needs torch, which is not installed: {LEARNED_HINT}") from None
     try:
         from varreg_learned import LossConfig, VRNetConfig
-        from varreg_learned.train import TrainConfig, TrainInputError, time_steps
+        from varreg_learned.train import TrainConfig, TrainInputError, check_world, threads_per_process, time_steps
         from varreg_learned.train import train as train_loop
     except ImportError as exc:
         raise TrainFailure(f"varreg train cannot import varreg_learned ({exc}): {LEARNED_HINT}") from None
 
     device = _device(torch, o["device"])
+    nproc = _nproc(torch, o, device, check_world)
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the summary
     try:
         mcfg = VRNetConfig(ndim=2, data_term=o["data_term"], n_warps=o["n_warps"], n_iters=o["n_iters"],
                            shared=o["shared"], width=o["width"], depth=o["depth"], residual=not o["no_residual"],
@@ -228,11 +263,19 @@ def _run(o) -> int:
 
     size = tuple(o["size"])
     if o["benchmark"]:
-        s = time_steps(mcfg, lcfg, batch_size=o["batch_size"], size=size, n=o["benchmark"], threads=o["threads"],
-                       device=device)
-        click.echo(f"{s:.3f} s/step (batch {o['batch_size']}, {size[0]}x{size[1]}, width {o['width']}, depth "
-                   f"{o['depth']}, {o['n_warps']}x{o['n_iters']} cascades, threads {torch.get_num_threads()}, "
-                   f"{device}); {o['steps']} steps ~ {s * o['steps'] / 3600:.1f} h")
+        try:
+            s = time_steps(mcfg, lcfg, batch_size=o["batch_size"], size=size, n=o["benchmark"], threads=o["threads"],
+                           device=device, nproc=1 if _torchrun() else nproc)
+        except TrainInputError as exc:
+            raise TrainFailure(str(exc)) from None
+        world = _torchrun() or nproc
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the processes sharing this machine's cores
+        threads = threads_per_process(local, o["threads"]) or torch.get_num_threads()
+        procs = f"{world} processes x {threads} threads" if world > 1 else f"threads {threads}"
+        if lead:
+            click.echo(f"{s:.3f} s/step (batch {o['batch_size']}, {size[0]}x{size[1]}, width {o['width']}, depth "
+                       f"{o['depth']}, {o['n_warps']}x{o['n_iters']} cascades, {procs}, "
+                       f"{device}); {o['steps']} steps ~ {s * o['steps'] / 3600:.1f} h")
         return 0
 
     data, out = o["data"], o["outdir"]
@@ -258,7 +301,8 @@ def _run(o) -> int:
                        grad_clip=o["grad_clip"], seed=o["seed"], val_every=o["val_every"],
                        val_max_pairs=o["val_max_pairs"], save_every=o["save_every"], device=device,
                        threads=o["threads"], max_patients=o["max_patients"],
-                       val_max_patients=o["val_max_patients"], progress=enabled(o["no_progress"]))
+                       val_max_patients=o["val_max_patients"], progress=enabled(o["no_progress"]),
+                       nproc=1 if _torchrun() else nproc)
     try:
         summary = train_loop(tcfg, mcfg, lcfg, resume=True, log=click.echo)
     except TrainInputError as exc:
@@ -270,9 +314,13 @@ def _run(o) -> int:
                    "rerun the same command", err=True)
         sys.exit(130)
 
+    if not lead:
+        return 0
     best = os.path.join(out, "best.pt")
     v = summary.get("best_val")
     speed = f"{summary['s_per_step']:.2f} s/step" if summary.get("steps_run") else "no step left to run"
+    if summary.get("nproc", 1) > 1 and summary.get("steps_run"):
+        speed += f" in {summary['nproc']} processes"
     if v:
         click.echo(f"step {summary['step']} ({speed}): best val mean Dice "
                    f"{v['dice_mean']:.4f} (RV {v['dice_RV']:.3f}, Myo {v['dice_Myo']:.3f}, LV {v['dice_LV']:.3f}) "

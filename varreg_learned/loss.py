@@ -11,6 +11,15 @@
 * optional: ``ncc_weight * (1 - local NCC)`` (box window ``ncc_window``) and
   ``dice_weight * (1 - soft Dice)`` of the linearly warped one-hot moving labels
   against the fixed labels (labels ``1..n_labels``); both off by default.
+
+Data-parallel training (``vrnet_loss(..., distributed=True)``): every rank holds
+an equal share of the global batch, and DDP averages the ranks' gradients. The
+voxel means (similarity, smoothness, NCC) of equal shares average to the
+global mean as they are. The label Dice is a mean over the (pair, label)
+entries *present* in the batch, whose count differs between shares; with
+``distributed`` each rank divides its sum by the global count (all-reduced)
+times the world size, so the ranks' average is the Dice of the global batch
+and the gradients are those of one process on the whole batch.
 """
 from __future__ import annotations
 
@@ -68,8 +77,8 @@ def local_ncc(a, b, ndim: int, window: int = 9, eps: float = 1e-5):
     return (cov * cov / (va * vb + eps)).mean()
 
 
-def soft_dice(fixed_labels, moving_labels, u, ndim: int, n_labels: int = 3, eps: float = 1e-5):
-    """Mean soft Dice over labels ``1..n_labels`` of the moving labels warped (linearly) by ``u``."""
+def _soft_dice_terms(fixed_labels, moving_labels, u, ndim: int, n_labels: int = 3, eps: float = 1e-5):
+    """The soft Dice of every (pair, label) present in either map, ``(B, n_labels)``, and the mask of those."""
     onehot_m = torch.stack([(moving_labels == k).to(u.dtype) for k in range(1, n_labels + 1)], dim=1)
     onehot_f = torch.stack([(fixed_labels == k).to(u.dtype) for k in range(1, n_labels + 1)], dim=1)
     uu = u.unsqueeze(1).expand(u.shape[0], n_labels, *u.shape[1:])
@@ -78,15 +87,47 @@ def soft_dice(fixed_labels, moving_labels, u, ndim: int, n_labels: int = 3, eps:
     inter = (warped * onehot_f).sum(axes)
     total = warped.sum(axes) + onehot_f.sum(axes)
     present = total > 0
-    d = (2 * inter + eps) / (total + eps)
-    return d[present].mean() if bool(present.any()) else d.new_ones(())
+    return (2 * inter + eps) / (total + eps), present
 
 
-def vrnet_loss(fixed, moving, u, config: LossConfig | None = None, *, fixed_labels=None, moving_labels=None):
+def soft_dice(fixed_labels, moving_labels, u, ndim: int, n_labels: int = 3, eps: float = 1e-5, *,
+              distributed: bool = False):
+    """Mean soft Dice over labels ``1..n_labels`` of the moving labels warped (linearly) by ``u``.
+
+    The mean runs over the (pair, label) entries present in the fixed or the
+    warped map; 1 when there is none. ``distributed``: this batch is one rank's
+    share of a global batch (``torch.distributed``'s default group): the sum is
+    divided by the global count of entries over ``world_size``, so that the
+    mean over the ranks is the Dice of the global batch (module docstring).
+    """
+    d, present = _soft_dice_terms(fixed_labels, moving_labels, u, ndim, n_labels, eps)
+    world = _world_size() if distributed else 1
+    if world == 1:
+        return d[present].mean() if bool(present.any()) else d.new_ones(())
+    import torch.distributed as dist
+
+    count = present.sum().to(d.dtype).detach()
+    dist.all_reduce(count)  # every rank reaches this: the same loss config on all of them
+    if float(count) == 0:
+        return d.new_ones(())
+    return d[present].sum() * (world / count)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def vrnet_loss(fixed, moving, u, config: LossConfig | None = None, *, fixed_labels=None, moving_labels=None,
+               distributed: bool = False):
     """Loss of a batch: ``(total, parts)`` with ``parts`` a dict of floats.
 
     ``fixed``, ``moving``: ``(B, *spatial)``; ``u``: ``(B, ndim, *spatial)``;
     labels ``(B, *spatial)`` integer maps, needed only when ``dice_weight > 0``.
+    ``distributed``: the batch is this rank's equal share of a global batch (data-parallel
+    training): the mean of the ranks' losses is then the loss of the global batch
+    (module docstring), and so is the mean over the ranks of each of ``parts``.
     """
     cfg = config or LossConfig()
     ndim = u.shape[1]
@@ -103,7 +144,7 @@ def vrnet_loss(fixed, moving, u, config: LossConfig | None = None, *, fixed_labe
     if cfg.dice_weight > 0:
         if fixed_labels is None or moving_labels is None:
             raise ValueError("dice_weight > 0 needs fixed_labels and moving_labels")
-        d = soft_dice(fixed_labels, moving_labels, u, ndim, cfg.n_labels)
+        d = soft_dice(fixed_labels, moving_labels, u, ndim, cfg.n_labels, distributed=distributed)
         total = total + cfg.dice_weight * (1 - d)
         parts["dice"] = float(d.detach())
     parts["total"] = float(total.detach())

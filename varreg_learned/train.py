@@ -14,6 +14,14 @@
   (a permutation per epoch from ``seed``) and per-step torch seeding, so a run
   resumed from ``last.pt`` continues the same sequence. ``best.pt`` keeps the
   best validation mean Dice; ``log.jsonl`` holds the history.
+* Data-parallel (:func:`train` with ``TrainConfig(nproc=N)``, ``varreg train
+  --nproc N``, or started by ``torchrun``): torch ``DistributedDataParallel``,
+  gloo on the CPU, nccl on CUDA (device ``cuda:LOCAL_RANK``). ``batch_size``
+  stays the global batch: every rank builds the same global batch of the
+  sampler and takes its equal share, and the loss is normalised so that the
+  averaged gradients are those of one process on the whole batch
+  (:mod:`varreg_learned.loss`). Rank 0 alone writes the log, the progress and
+  the checkpoints and validates; every rank resumes from the same ``last.pt``.
 * Inputs are checked before anything is written: a folder without usable
   pairs, a patient with missing or unreadable files, or an ``out/last.pt``
   that cannot be resumed raise :class:`TrainInputError` (a ``ValueError``)
@@ -21,10 +29,16 @@
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
+import os
+import pickle
+import socket
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +53,7 @@ from .loss import LossConfig, vrnet_loss
 from .model import VRNet, VRNetConfig
 
 __all__ = ["ACDCSlices", "TrainConfig", "TrainInputError", "train", "evaluate", "load_val_pairs", "crop_or_pad",
-           "lr_at", "time_steps"]
+           "lr_at", "time_steps", "threads_per_process", "check_world"]
 
 
 # --------------------------------------------------------------------------- data
@@ -227,6 +241,263 @@ def evaluate(model: VRNet, pairs, device="cpu") -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- data-parallel
+#: how long a rank waits in a collective (the others wait while rank 0 validates and saves)
+DIST_TIMEOUT = datetime.timedelta(hours=1)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_process(nproc: int, threads: int | None = None) -> int | None:
+    """torch threads of each of ``nproc`` processes on this machine: ``threads`` if given, else
+    the cores shared out (``cores // nproc``, at least 1); ``None`` for one process (torch's default)."""
+    if threads:
+        return int(threads)
+    return max(1, _cores() // int(nproc)) if nproc > 1 else None
+
+
+def check_world(batch_size: int, nproc: int, flags: bool = False) -> None:
+    """Raise :class:`TrainInputError` unless ``batch_size`` (the global batch) splits evenly across ``nproc`` processes."""
+    nb, npr = ("--batch-size", "--nproc") if flags else ("batch_size", "nproc")
+    if nproc < 1:
+        raise TrainInputError(f"{npr} {nproc}: needs at least 1 process")
+    if nproc > batch_size:
+        raise TrainInputError(f"{npr} {nproc}: more processes than pairs in a step ({nb} {batch_size}, the global "
+                              "batch); each process needs at least one")
+    if batch_size % nproc:
+        raise TrainInputError(f"{nb} {batch_size}: not divisible by the {nproc} processes ({nb} is the global batch, "
+                              f"split evenly across them; e.g. {nb} {batch_size - batch_size % nproc} or "
+                              f"{batch_size + nproc - batch_size % nproc})")
+
+
+def _env_world() -> int | None:
+    """``WORLD_SIZE`` when this process was started by torchrun (``RANK`` and ``WORLD_SIZE`` set), else ``None``."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def _in_world() -> bool:
+    import torch.distributed as dist
+
+    return (dist.is_available() and dist.is_initialized()) or _env_world() is not None
+
+
+@dataclass(frozen=True)
+class _World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    grouped: bool = False  # a torch.distributed process group is in use (DDP), even of one process
+
+    def device(self, name: str) -> torch.device:
+        dev = torch.device(name)
+        if dev.type == "cuda" and self.grouped:
+            return torch.device("cuda", self.local_rank)
+        return dev
+
+    def barrier(self):
+        if self.grouped and self.size > 1:
+            torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def _process_group(device: str):
+    """The data-parallel world this process is in: a group already initialised (kept), one
+    described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``; initialised here, gloo on the CPU, nccl on CUDA, and destroyed on leaving),
+    or one process without a group."""
+    import torch.distributed as dist
+
+    env = os.environ
+    if dist.is_available() and dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+        yield _World(rank, size, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", size)), True)
+        return
+    size = _env_world()
+    if size is None:
+        yield _World()
+        return
+    rank = int(env["RANK"])
+    local = int(env.get("LOCAL_RANK", rank))
+    world = _World(rank, size, local, int(env.get("LOCAL_WORLD_SIZE", size)), True)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", rank=rank, world_size=size,
+                            timeout=DIST_TIMEOUT)
+    try:
+        yield world
+        if size > 1:  # leave together: a rank tearing gloo down while a peer still talks can abort
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (to re-raise it in the parent), else a RuntimeError with its text."""
+    try:
+        return pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _silent(*args, **kwargs):
+    return None
+
+
+def _spawned(rank, nproc, port, fn, args, kwargs, forward_log, queue):
+    """One spawned rank: torchrun's environment for this machine, then ``fn(*args, **kwargs)``;
+    rank 0's log lines and result, and any rank's error, go to the parent through ``queue``."""
+    try:
+        from torch.multiprocessing.spawn import _prctl_pr_set_pdeathsig
+        import signal
+
+        _prctl_pr_set_pdeathsig(signal.SIGTERM)  # do not outlive the parent
+    except Exception:  # noqa: BLE001  (private helper; Linux only)
+        pass
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if forward_log:
+        kwargs = {**kwargs, "log": (lambda msg="", **kw: queue.put(("log", str(msg)))) if rank == 0 else _silent}
+    try:
+        result = fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseException as exc:  # noqa: BLE001
+        queue.put(("error", rank, _portable(exc)))
+        sys.exit(1)
+    if rank == 0:
+        queue.put(("result", result))
+
+
+def _launch(nproc: int, fn, args=(), kwargs=None, *, log=None, grace_s: float = 10.0):
+    """Run ``fn(*args, **kwargs)`` in ``nproc`` processes (torch.multiprocessing, spawn) forming a
+    data-parallel world on 127.0.0.1 (a free port); returns rank 0's result.
+
+    With ``log``, rank 0's ``log`` calls are printed here (``fn`` must take ``log=``). The first
+    error of a rank is raised here as it was raised there (a TrainInputError stays one); the other
+    ranks get ``grace_s`` seconds to stop, then are terminated.
+    """
+    import multiprocessing.connection
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_spawned, args=(r, nproc, port, fn, tuple(args), dict(kwargs or {}), log is not None,
+                                                 queue), name=f"varreg-rank{r}") for r in range(nproc)]
+    result, errors = None, []
+
+    def drain():
+        nonlocal result
+        while not queue.empty():
+            msg = queue.get()
+            if msg[0] == "log" and log is not None:
+                log(msg[1])
+            elif msg[0] == "result":
+                result = msg[1]
+            elif msg[0] == "error":
+                errors.append(msg[1:])
+
+    try:
+        for p in procs:
+            p.start()
+        pending = {p.sentinel: p for p in procs}
+        failed = None
+        while pending and failed is None:
+            for sentinel in multiprocessing.connection.wait(list(pending), timeout=0.2):
+                p = pending.pop(sentinel)
+                p.join()
+                if p.exitcode != 0 and failed is None:
+                    failed = p
+            drain()
+        if failed is not None:
+            deadline = time.monotonic() + grace_s
+            for p in procs:
+                p.join(max(deadline - time.monotonic(), 0))
+            drain()
+            if errors:
+                raise errors[0][1]
+            rank = procs.index(failed)
+            raise RuntimeError(f"data-parallel rank {rank} (of {nproc}) died with exit code {failed.exitcode}")
+        drain()
+        return result
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            if p.pid is not None:
+                p.join()
+
+
+def _all_mean(parts: dict, world: _World, device) -> dict:
+    """The mean over the ranks of each of the loss parts (floats): the global batch's values."""
+    if world.size == 1:
+        return parts
+    keys = sorted(parts)
+    t = torch.tensor([parts[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, (t / world.size).tolist()))
+
+
+def _share(batch: dict, world: _World) -> dict:
+    """This rank's equal share of a global batch (every rank builds the same global batch)."""
+    if world.size == 1:
+        return batch
+    n = len(next(iter(batch.values())))
+    per = n // world.size
+    return {k: v[world.rank * per:(world.rank + 1) * per] for k, v in batch.items()}
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of a step (rank 0: the single-process seed; other ranks: their own stream)."""
+    base = seed * 1_000_003 + step
+    if rank == 0:
+        return base
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] % (2**63))
+
+
+def _forward_backward(net, batch: dict, loss_cfg: LossConfig, world: _World, device, step: int = 0):
+    """Loss of this rank's share and its backward (DDP averages the gradients across the ranks).
+
+    Returns the loss parts of the global batch (the ranks' mean). Raises FloatingPointError on
+    every rank together when the global loss is not finite (before any gradient is touched).
+    """
+    u = net(batch["fixed"], batch["moving"])
+    loss, parts = vrnet_loss(batch["fixed"], batch["moving"], u, loss_cfg, fixed_labels=batch.get("fixed_labels"),
+                             moving_labels=batch.get("moving_labels"), distributed=world.size > 1)
+    parts = _all_mean(parts, world, device)
+    if not math.isfinite(parts["total"]):
+        raise FloatingPointError(f"loss is {parts['total']} at step {step}; lower the learning rate")
+    net.zero_grad(set_to_none=True)
+    loss.backward()
+    return parts
+
+
+def _wrap(model, world: _World, device):
+    """``model`` in DistributedDataParallel when in a process group, else itself."""
+    if not world.grouped:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 # --------------------------------------------------------------------------- loop
 @dataclass
 class TrainConfig:
@@ -250,6 +521,7 @@ class TrainConfig:
     max_patients: int | None = None  # limit the train patients (smoke runs)
     val_max_patients: int | None = None  # limit the val patients (smoke runs)
     progress: bool = True
+    nproc: int = 1  # data-parallel processes (spawned here; under torchrun: 1, or its WORLD_SIZE)
 
     def to_dict(self):
         d = asdict(self)
@@ -323,11 +595,15 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
     from its step. Bad inputs raise :class:`TrainInputError` before ``out`` is
     created or touched. Returns a summary dict (final step, best validation
     scores, seconds per step).
-    """
-    from tqdm import tqdm
 
-    if tcfg.threads:
-        torch.set_num_threads(int(tcfg.threads))
+    Data-parallel: ``tcfg.nproc > 1`` spawns that many processes here (gloo on
+    the CPU, nccl on CUDA; 127.0.0.1, a free port) and returns rank 0's summary;
+    in a process started by torchrun (or with a ``torch.distributed`` group
+    already initialised) this process is one rank of that world, and
+    ``tcfg.nproc`` must be 1 or its size. ``tcfg.batch_size`` is the global
+    batch, split evenly across the ranks (the same samples, in the same
+    order, as one process); rank 0 alone logs, validates and writes.
+    """
     model_cfg = model_cfg or VRNetConfig(ndim=2)
     loss_cfg = loss_cfg or LossConfig()
     if model_cfg.ndim != 2:
@@ -335,15 +611,43 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
     if tcfg.augment and tcfg.size[0] != tcfg.size[1]:
         raise TrainInputError(f"augment turns the crops by 90 degrees: it needs a square crop (--size), "
                               f"got {tcfg.size[0]}x{tcfg.size[1]}")
+    nproc = int(tcfg.nproc)
+    if nproc < 1:
+        check_world(tcfg.batch_size, nproc)
+    if not _in_world():
+        check_world(tcfg.batch_size, nproc)
+        if nproc > 1:
+            if torch.device(tcfg.device).type == "cuda" and nproc > torch.cuda.device_count():
+                raise TrainInputError(f"nproc {nproc}: only {torch.cuda.device_count()} CUDA device(s) here; on GPUs "
+                                      "each process needs its own (fewer processes, or device cpu)")
+            return _launch(nproc, train, (tcfg, model_cfg, loss_cfg), {"resume": resume}, log=log)
+    with _process_group(tcfg.device) as world:
+        if nproc not in (1, world.size):
+            raise TrainInputError(f"nproc {nproc}: this process is one of {world.size} (torchrun's WORLD_SIZE); "
+                                  "leave nproc (--nproc) out under torchrun")
+        check_world(tcfg.batch_size, world.size)
+        return _train(replace(tcfg, nproc=world.size), model_cfg, loss_cfg, world, resume=resume,
+                      log=log if world.rank == 0 else _silent)
+
+
+def _train(tcfg: TrainConfig, model_cfg: VRNetConfig, loss_cfg: LossConfig, world: _World, *, resume: bool,
+           log) -> dict:
+    """The loop of one rank (or of the one process): :func:`train` after the world is set up."""
+    from tqdm import tqdm
+
+    threads = threads_per_process(world.local_size, tcfg.threads)
+    if threads:
+        torch.set_num_threads(threads)
+    lead = world.rank == 0
     out = Path(tcfg.out)
     last, best = out / "last.pt", out / "best.pt"
-    dev = torch.device(tcfg.device)
+    dev = world.device(tcfg.device)
 
     torch.manual_seed(tcfg.seed)
     model = VRNet(model_cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.999))
     step, best_score, best_step, best_val = 0, -math.inf, None, None
-    if resume and last.exists():
+    if resume and last.exists():  # every rank loads the same last.pt
         try:
             model_l, _, payload = load_checkpoint(last, return_payload=True)
         except (OSError, ValueError) as exc:
@@ -372,11 +676,17 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
             f"{tcfg.data}: no validation pair: " + (f"no patient of the val split ({_split_rule('val')})" if not n_val
             else f"no slice of the {n_val} val patient(s) has RV, Myo and LV (labels 1, 2, 3) in both ED and ES")
             + "; validation needs one (or train without it: val_every=0, --val-every 0)")
-    out.mkdir(parents=True, exist_ok=True)
-    _trim_log(out / "log.jsonl", step)
+    if not lead:
+        val_pairs = []  # rank 0 alone validates
+    net = _wrap(model, world, dev)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out / "log.jsonl", step)
+    ranks = (f"; {world.size} processes x {threads} threads, {tcfg.batch_size // world.size} pairs each"
+             if world.size > 1 else "")
     log(f"train: {len(ds.patients)} patients, {len(ds)} pairs of {tcfg.size}; val: {len(val_pairs)} pairs; "
-        f"model: {sum(p.numel() for p in model.parameters())} parameters")
-    sampler = _Sampler(len(ds), tcfg.batch_size, tcfg.seed)
+        f"model: {sum(p.numel() for p in model.parameters())} parameters{ranks}")
+    sampler = _Sampler(len(ds), tcfg.batch_size, tcfg.seed)  # the global sequence, the same on every rank
 
     def save(path, with_state, val):
         ts = None
@@ -385,8 +695,9 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
                   "best_val": best_val}
         save_checkpoint(path, model, _meta(tcfg, loss_cfg, ds, step, val, best_step), train_state=ts)
 
-    logf = open(out / "log.jsonl", "a")
-    bar = tqdm(total=tcfg.steps, initial=step, disable=not tcfg.progress, dynamic_ncols=True)
+    logf = open(out / "log.jsonl", "a") if lead else None
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not (tcfg.progress and lead), dynamic_ncols=True)
+    say = bar.write if not bar.disable else log
     avg, t_steps, n_timed = None, 0.0, 0
     try:
         while step < tcfg.steps:
@@ -394,19 +705,14 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
             b = ds.batch(sampler.indices(step))
             if tcfg.augment:
                 b = augment_d4(b, [tcfg.seed, step])
-            b = {k: v.to(dev) for k, v in b.items()}
+            b = {k: v.to(dev) for k, v in _share(b, world).items()}
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, tcfg)
-            torch.manual_seed(tcfg.seed * 1_000_003 + step)
-            u = model(b["fixed"], b["moving"])
-            loss, parts = vrnet_loss(b["fixed"], b["moving"], u, loss_cfg,
-                                     fixed_labels=b["fixed_labels"], moving_labels=b["moving_labels"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            torch.manual_seed(_step_seed(tcfg.seed, step, world.rank))
+            parts = _forward_backward(net, b, loss_cfg, world, dev, step)
+            grad_norm = None
+            if tcfg.grad_clip:  # the gradients are the same on every rank (averaged): so is the clipping
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
             opt.step()
             step += 1
             dt = time.perf_counter() - t0
@@ -417,37 +723,63 @@ def train(tcfg: TrainConfig, model_cfg: VRNetConfig | None = None, loss_cfg: Los
             bar.set_postfix(loss=f"{avg:.4f}", sim=f"{parts['sim']:.4f}", best=f"{best_score:.3f}" if best_step else "-")
             rec = {"step": step, "lr": lr_at(step - 1, tcfg), "time_s": dt, **parts,
                    "theta": [round(float(t), 5) for t in model.theta.detach().cpu()]}
-            if tcfg.val_every and (step % tcfg.val_every == 0 or step == tcfg.steps):
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
+            validate = bool(tcfg.val_every) and (step % tcfg.val_every == 0 or step == tcfg.steps)
+            saving = validate or step % tcfg.save_every == 0 or step == tcfg.steps
+            if validate and lead:
                 val = evaluate(model, val_pairs, dev)
                 rec["val"] = val
                 if val["dice_mean"] > best_score:
                     best_score, best_step, best_val = val["dice_mean"], step, val
                     save(best, False, val)
-                bar.write(f"step {step}: val dice {val['dice_mean']:.4f} (RV {val['dice_RV']:.3f} Myo {val['dice_Myo']:.3f} "
-                          f"LV {val['dice_LV']:.3f}; before {val['dice_before']:.3f}), folding {val['folding_fraction']:.2e}; "
-                          f"best {best_score:.4f} at {best_step}")
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
-            if step % tcfg.save_every == 0 or step == tcfg.steps or "val" in rec:
-                save(last, True, best_val)
+                say(f"step {step}: val dice {val['dice_mean']:.4f} (RV {val['dice_RV']:.3f} Myo {val['dice_Myo']:.3f} "
+                    f"LV {val['dice_LV']:.3f}; before {val['dice_before']:.3f}), folding {val['folding_fraction']:.2e}; "
+                    f"best {best_score:.4f} at {best_step}")
+            if lead:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                if saving:
+                    save(last, True, best_val)
+            if saving:
+                world.barrier()  # the others wait while rank 0 validates and writes
     finally:
         bar.close()
-        logf.close()
-    if not tcfg.val_every:  # no validation: the last weights are the result
+        if logf is not None:
+            logf.close()
+    if not tcfg.val_every and lead:  # no validation: the last weights are the result
         save(best, False, None)
+    world.barrier()  # every rank returns once the files are written
     return {"step": step, "steps_run": n_timed, "best_step": best_step, "best_val": best_val,
-            "s_per_step": t_steps / max(n_timed, 1), "out": str(out)}
+            "s_per_step": t_steps / max(n_timed, 1), "out": str(out), "nproc": world.size}
 
 
 def time_steps(model_cfg: VRNetConfig, loss_cfg: LossConfig | None = None, *, batch_size=10, size=(192, 192),
-               n=10, warmup=1, threads=None, device="cpu", seed=0) -> float:
+               n=10, warmup=1, threads=None, device="cpu", seed=0, nproc: int = 1) -> float:
     """Seconds per training step (forward, loss, backward, Adam) on synthetic smooth pairs of ``size``.
 
     With a label term (``loss_cfg.dice_weight > 0``) the pairs get labels too:
     the intensity quantiles of each image cut into background and ``n_labels`` classes.
+    ``nproc > 1``: data-parallel, as :func:`train` (spawned here, or the torchrun world this
+    process is in); ``batch_size`` is the global batch; rank 0's time is returned.
     """
+    if not _in_world():
+        check_world(batch_size, nproc)
+        if nproc > 1:
+            return _launch(nproc, time_steps, (model_cfg, loss_cfg),
+                           dict(batch_size=batch_size, size=size, n=n, warmup=warmup, threads=threads, device=device,
+                                seed=seed))
+    with _process_group(device) as world:
+        check_world(batch_size, world.size)
+        return _time_steps(model_cfg, loss_cfg, world, batch_size=batch_size, size=size, n=n, warmup=warmup,
+                           threads=threads, device=device, seed=seed)
+
+
+def _time_steps(model_cfg, loss_cfg, world: _World, *, batch_size, size, n, warmup, threads, device, seed) -> float:
     from varreg.synthetic import deform, sinusoidal_displacement, smooth_random_image
 
+    loss_cfg = loss_cfg or LossConfig()
+    threads = threads_per_process(world.local_size, threads)
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
@@ -455,27 +787,28 @@ def time_steps(model_cfg: VRNetConfig, loss_cfg: LossConfig | None = None, *, ba
     f = np.stack([smooth_random_image(size, rng=rng) for _ in range(batch_size)])
     truth = sinusoidal_displacement(tuple(size), amplitude=3.0)
     m = np.stack([deform(x, truth) for x in f])
-    dev = torch.device(device)
-    labels = {}
-    if loss_cfg is not None and loss_cfg.dice_weight > 0:
+    dev = world.device(device)
+    batch = {"fixed": torch.from_numpy(f), "moving": torch.from_numpy(m)}
+    if loss_cfg.dice_weight > 0:
         def quantile_labels(x):
             edges = np.quantile(x, np.linspace(0, 1, loss_cfg.n_labels + 2)[1:-1])
-            return torch.from_numpy(np.digitize(x, edges).astype(np.int64)).to(device)
-        labels = dict(fixed_labels=quantile_labels(f), moving_labels=quantile_labels(m))
-    f, m = torch.from_numpy(f).to(dev), torch.from_numpy(m).to(dev)
+            return torch.from_numpy(np.digitize(x, edges).astype(np.int64))
+        batch.update(fixed_labels=quantile_labels(f), moving_labels=quantile_labels(m))
+    batch = {k: v.to(dev) for k, v in _share(batch, world).items()}
     model = VRNet(model_cfg).to(dev)
+    net = _wrap(model, world, dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     times = []
     for i in range(warmup + n):
+        world.barrier()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = vrnet_loss(f, m, model(f, m), loss_cfg, **labels)
-        opt.zero_grad()
-        loss.backward()
+        _forward_backward(net, batch, loss_cfg, world, dev, i)
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    world.barrier()
     return float(np.mean(times))
