@@ -192,6 +192,23 @@ def test_bad_options(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@needs_torch
+def test_bad_process_counts(tmp_path, monkeypatch):
+    """--nproc: at least 1, at most the global batch, dividing it; under torchrun its WORLD_SIZE (checked first)."""
+    base = ["train", "--data", tmp_path, "-o", tmp_path / "r", "--no-progress"]
+    one_error_line(run(*base, "--nproc", "0", ok=False), "--nproc")
+    one_error_line(run(*base, "--nproc", "3", "--batch-size", "2", ok=False), "--nproc 3", "more processes",
+                   "--batch-size 2")
+    one_error_line(run(*base, "--nproc", "2", "--batch-size", "5", ok=False), "--batch-size 5", "not divisible",
+                   "2 processes", "--batch-size 4 or 6")
+    one_error_line(run(*base[:1], "--benchmark", "1", "--nproc", "4", "--batch-size", "6", ok=False), "not divisible")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    one_error_line(run(*base, "--nproc", "3", ok=False), "--nproc 3", "torchrun", "WORLD_SIZE 2")
+    one_error_line(run(*base, "--batch-size", "3", ok=False), "--batch-size 3", "2 processes")
+    assert not (tmp_path / "r").exists()
+
+
 # --------------------------------------------------------------------------- options, help, benchmark
 #: the documented command behind each shipped checkpoint (docs/vrnet.md, `varreg train --help`)
 SHIPPED_COMMANDS = {
