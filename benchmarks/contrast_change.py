@@ -19,20 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from acdc_2d import load_pairs  # the 2-D protocol's pairs (this folder is on sys.path when run as a script)
 
 import varreg
 from varreg import acdc, synthetic
 
 ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "acdc"
-
-
-def load_pairs(data, split, every):
-    ids = acdc.patients(data, split)[::every]
-    pairs = []
-    for pid in ids:
-        case = acdc.load_case(data, pid)
-        pairs += [(pid, z, f, m, fl, ml) for z, f, m, fl, ml in acdc.slice_pairs(case)]
-    return ids, pairs
 
 
 def changed(moving, seed: int, index: int):
