@@ -102,7 +102,8 @@ def test_a_plain_mean_of_the_shares_label_dice_would_be_wrong():
     u = torch.zeros(4, 2, 24, 24, requires_grad=True)
     u2 = u + 0.3 * torch.sin(torch.arange(24.0) / 3)  # a field that moves the labels
     whole = soft_dice(b["fixed_labels"], b["moving_labels"], u2, 2).detach()
-    halves = [soft_dice(b["fixed_labels"][s], b["moving_labels"][s], u2[s], 2).detach() for s in (slice(0, 2), slice(2, 4))]
+    halves = [soft_dice(b["fixed_labels"][s], b["moving_labels"][s], u2[s], 2).detach()
+              for s in (slice(0, 2), slice(2, 4))]
     assert abs(float(whole) - float(sum(halves) / 2)) > 1e-3
 
 
@@ -161,7 +162,8 @@ def test_nproc_run_resumed_under_torchrun_matches_one_process(tmp_path):
     recs2 = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs2] == [1, 2, 3, 4]
     for a, b in zip(recs1, recs2):
-        for k in ("total", "sim", "smooth", "ncc", "dice", "grad_norm"):
+        # "lr" too: the rate follows --steps, and the 2-step run's rates are those of the 4-step run's first steps
+        for k in ("lr", "total", "sim", "smooth", "ncc", "dice", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)
         if "val" in a:
             assert b["val"]["dice_mean"] == pytest.approx(a["val"]["dice_mean"], abs=1e-4)

@@ -262,7 +262,7 @@ def threads_per_process(nproc: int, threads: int | None = None) -> int | None:
 
 
 def check_world(batch_size: int, nproc: int, flags: bool = False) -> None:
-    """Raise :class:`TrainInputError` unless ``batch_size`` (the global batch) splits evenly across ``nproc`` processes."""
+    """Raise :class:`TrainInputError` unless ``batch_size`` (the global batch) splits evenly across ``nproc``."""
     nb, npr = ("--batch-size", "--nproc") if flags else ("batch_size", "nproc")
     if nproc < 1:
         raise TrainInputError(f"{npr} {nproc}: needs at least 1 process")
@@ -404,7 +404,7 @@ def _launch(nproc: int, fn, args=(), kwargs=None, *, log=None, grace_s: float = 
     port = _free_port()
     procs = [ctx.Process(target=_spawned, args=(r, nproc, port, fn, tuple(args), dict(kwargs or {}), log is not None,
                                                  queue), name=f"varreg-rank{r}") for r in range(nproc)]
-    result, errors = None, []
+    result, errors, stop_by = None, [], None
 
     def drain():
         nonlocal result
@@ -430,9 +430,9 @@ def _launch(nproc: int, fn, args=(), kwargs=None, *, log=None, grace_s: float = 
                     failed = p
             drain()
         if failed is not None:
-            deadline = time.monotonic() + grace_s
+            stop_by = time.monotonic() + grace_s
             for p in procs:
-                p.join(max(deadline - time.monotonic(), 0))
+                p.join(max(stop_by - time.monotonic(), 0))
             drain()
             if errors:
                 raise errors[0][1]
@@ -441,12 +441,18 @@ def _launch(nproc: int, fn, args=(), kwargs=None, *, log=None, grace_s: float = 
         drain()
         return result
     finally:
+        if stop_by is None:  # e.g. Ctrl-C, which reaches every rank: they stop on their own (and release their locks)
+            stop_by = time.monotonic() + grace_s
+        for p in procs:
+            if p.pid is not None:
+                p.join(max(stop_by - time.monotonic(), 0))
         for p in procs:
             if p.is_alive():
                 p.terminate()
         for p in procs:
             if p.pid is not None:
                 p.join()
+        queue.close()
 
 
 def _all_mean(parts: dict, world: _World, device) -> dict:
@@ -686,8 +692,8 @@ def _train(tcfg: TrainConfig, model_cfg: VRNetConfig, loss_cfg: LossConfig, worl
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / "log.jsonl", step)
-    ranks = (f"; {world.size} processes x {threads} threads, {tcfg.batch_size // world.size} pairs each"
-             if world.size > 1 else "")
+    ranks = (f"; {world.size} processes x {torch.get_num_threads()} threads, "
+             f"{tcfg.batch_size // world.size} pairs each" if world.size > 1 else "")
     log(f"train: {len(ds.patients)} patients, {len(ds)} pairs of {tcfg.size}; val: {len(val_pairs)} pairs; "
         f"model: {sum(p.numel() for p in model.parameters())} parameters{ranks}")
     sampler = _Sampler(len(ds), tcfg.batch_size, tcfg.seed)  # the global sequence, the same on every rank
