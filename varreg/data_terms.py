@@ -219,11 +219,9 @@ class NCC:
         return (local_standardise(fixed, ndim, window, self.floor, fixed_mask),
                 local_standardise(moving, ndim, window, self.floor, moving_mask))
 
-    def linearise(self, fixed, moving, u, ndim: int) -> Linearised:
-        return Linearised(*linearise(fixed, moving, u, ndim, self.eps))
-
-    def step(self, v, lin: Linearised, theta):
-        return l1_step(v, lin.g, lin.rho0, lin.gg, theta)
+    # on the standardised images the linearisation and the u-step are L1's
+    linearise = L1.linearise
+    step = L1.step
 
 
 @dataclass(frozen=True)
