@@ -292,41 +292,23 @@ def test_worker_killed_mid_pair_is_replaced_and_the_pair_retried(tmp_path, clust
     assert {"warped.nii.gz", "displacement.nii.gz", "metrics.json"} <= set(os.listdir(out))
 
 
-def _stop(proc):
-    if proc is None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # its children (the worker under the nanny), if any are left
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture
-def dask_services():
-    """``dask scheduler`` and ``dask worker --nworkers 1 --nthreads 1`` as subprocesses on 127.0.0.1."""
-    from distributed import Client
+def dask_services(tmp_path_factory):
+    """Address of a ``dask scheduler`` with one ``dask worker --nthreads 1`` on 127.0.0.1.
 
-    port = free_port()
-    addr = f"tcp://127.0.0.1:{port}"
-    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sched = worker = None
+    ``.ci/run`` starts them before the suite and exports ``VARREG_TEST_SCHEDULER``; without
+    it (``python -m pytest`` on its own) they start here and stop after the test."""
+    given = os.environ.get("VARREG_TEST_SCHEDULER")
+    if given:
+        yield given
+        return
+    import dask_services as S
+
+    address, procs = S.start(str(tmp_path_factory.mktemp("dask")), timeout=180)
     try:
-        sched = subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port",
-                                  str(port), "--no-dashboard"], **quiet)
-        worker = subprocess.Popen([sys.executable, "-m", "dask", "worker", addr, "--nworkers", "1", "--nthreads", "1",
-                                   "--host", "127.0.0.1", "--no-dashboard"], **quiet)
-        with Client(addr, timeout=30) as c:
-            c.wait_for_workers(1, timeout=60)
-        yield addr
+        yield address
     finally:
-        _stop(worker)
-        _stop(sched)
+        S.stop(procs)
 
 
 def test_real_scheduler_and_worker_processes(tmp_path, dask_services):
