@@ -93,6 +93,12 @@ RUN_OPTS = [
                       "end; the best is kept as best.pt. 0: never (best.pt is then the last weights)."),
     click.option("--val-max-pairs", type=_pos_int, default=None, metavar="N",
                  help="Validate on an evenly spaced subset of N val pairs. Default: all."),
+    click.option("--val-split", type=click.Choice(["val", "val-select"]), default="val", show_default=True,
+                 help="Patients that validate and pick best.pt: the whole val split, or val-select (patient "
+                      "number % 10 == 4), which leaves val-test (% 10 == 9) unseen for reporting."),
+    click.option("--from-checkpoint", "from_checkpoint", metavar="CKPT", default=None,
+                 help="Fine-tune: start from the weights of CKPT (the model options must be those it was trained "
+                      "with) with a fresh Adam state at step 0. Ignored when OUTDIR/last.pt resumes a run."),
     click.option("--save-every", type=_pos_int, default=100, show_default=True, metavar="N",
                  help="Write last.pt (weights and optimizer state) every N steps (and at every validation)."),
     click.option("--device", default="auto", show_default=True, metavar="DEV",
@@ -299,7 +305,8 @@ def _run(o) -> int:
                        slices=o["slices"], augment=o["augment"], lr=o["lr"], lr_decay_start=o["lr_decay_start"],
                        lr_final=o["lr_final"],
                        grad_clip=o["grad_clip"], seed=o["seed"], val_every=o["val_every"],
-                       val_max_pairs=o["val_max_pairs"], save_every=o["save_every"], device=device,
+                       val_max_pairs=o["val_max_pairs"], val_split=o["val_split"],
+                       init_from=o["from_checkpoint"], save_every=o["save_every"], device=device,
                        threads=o["threads"], max_patients=o["max_patients"],
                        val_max_patients=o["val_max_patients"], progress=enabled(o["no_progress"]),
                        nproc=1 if _torchrun() else nproc)

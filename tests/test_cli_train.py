@@ -271,3 +271,48 @@ def test_benchmark_writes_nothing(tmp_path, monkeypatch, extra):
     assert res.exit_code == 0, res.output
     assert "s/step" in res.stdout and "100 steps" in res.stdout
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- fine-tuning and the honest val halves
+def test_val_halves_split_val_and_are_disjoint():
+    from varreg import acdc
+
+    numbers = range(1, 101)
+    sel = {n for n in numbers if n % acdc.SPLITS["val-select"][0] in acdc.SPLITS["val-select"][1]}
+    test = {n for n in numbers if n % acdc.SPLITS["val-test"][0] in acdc.SPLITS["val-test"][1]}
+    val = {n for n in numbers if n % 5 == 4}
+    assert sel | test == val and not sel & test and len(sel) == len(test) == 10
+    for first in range(1, 101, 20):  # two patients of each pathology group (20 numbers) in each half
+        group = set(range(first, first + 20))
+        assert len(group & sel) == len(group & test) == 2
+    assert acdc.split_rule("val-test") == "patient number % 10 == 9"
+    assert acdc.split_rule("train") == "patient number % 5 in {1, 2, 3}"
+
+
+@needs_torch
+def test_from_checkpoint_starts_from_its_weights_and_validates_on_val_select(first_run, tmp_path):
+    import torch
+
+    from varreg_learned.checkpoint import load_checkpoint
+
+    data = make_acdc(tmp_path / "acdc", numbers=(1, 4, 9))
+    start = first_run["out"] / "best.pt"
+    out = tmp_path / "ft"
+    res = run("train", "--data", data, "-o", out, "--steps", 1, "--val-every", 1, "--lr", "1e-12",
+              "--val-split", "val-select", "--from-checkpoint", start, *TINY)
+    assert f"weights from {start}" in res.stdout
+    (a, _), (b, meta) = load_checkpoint(start), load_checkpoint(out / "best.pt")
+    for k, v in a.state_dict().items():  # one step at a negligible rate: the starting weights
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-9), k
+    assert meta["split"]["val-select"] == "patient number % 10 == 4"
+    assert "val-test" not in meta["split"]
+
+
+@needs_torch
+def test_from_checkpoint_of_another_model_is_refused(first_run, tmp_path):
+    out = tmp_path / "ft"
+    args = [a if a != "4" else "6" for a in TINY]  # --width 6
+    one_error_line(run("train", "--data", first_run["data"], "-o", out, "--steps", 1,
+                       "--from-checkpoint", first_run["out"] / "best.pt", *args, ok=False),
+                   "--from-checkpoint", "width 4 there, 6 asked")
+    assert not out.exists()

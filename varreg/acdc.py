@@ -13,14 +13,27 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LABELS", "TABLE_ORDER", "SPLITS", "Case", "patients", "load_case", "all_present", "slice_pairs",
+__all__ = ["LABELS", "TABLE_ORDER", "SPLITS", "split_rule", "Case", "patients", "load_case", "all_present", "slice_pairs",
            "score_pair"]
 
 #: label value -> structure name
 LABELS = {1: "RV", 2: "Myo", 3: "LV"}
 #: the column order of the paper's tables (LV, Myo, RV)
 TABLE_ORDER = (3, 2, 1)
-SPLITS = {"train": {1, 2, 3}, "val": {4}, "all": {0, 1, 2, 3, 4}}
+#: patient splits as ``(modulus, residues)`` of the patient number: train and val as the data's README
+#: suggests; val-select / val-test halve val (two patients of each pathology group in each) so that
+#: checkpoints and settings are chosen on one half and reported on the other
+SPLITS = {"train": (5, {1, 2, 3}), "val": (5, {4}), "val-select": (10, {4}), "val-test": (10, {9}),
+          "all": (1, {0})}
+
+
+def split_rule(split: str) -> str:
+    """``"patient number % 5 in {1, 2, 3}"``: the rule of ``split`` in words."""
+    mod, rems = SPLITS[split]
+    if mod == 1:
+        return "every patient"
+    rems = sorted(rems)
+    return f"patient number % {mod} " + (f"== {rems[0]}" if len(rems) == 1 else "in {" + ", ".join(map(str, rems)) + "}")
 
 
 @dataclass
@@ -36,7 +49,7 @@ class Case:
 
 
 def patients(root, split: str = "all") -> list[str]:
-    """Patient ids (``patient004`` ...) under ``root`` in ``split`` (``train``, ``val`` or ``all``), sorted."""
+    """Patient ids (``patient004`` ...) under ``root`` in ``split`` (a key of :data:`SPLITS`), sorted."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     root = Path(root)
@@ -45,7 +58,7 @@ def patients(root, split: str = "all") -> list[str]:
     out = []
     for p in sorted(root.glob("patient*_ED.nii.gz")):
         m = re.match(r"(patient(\d+))_ED\.nii\.gz$", p.name)
-        if m and int(m.group(2)) % 5 in SPLITS[split]:
+        if m and int(m.group(2)) % SPLITS[split][0] in SPLITS[split][1]:
             out.append(m.group(1))
     return out
 

@@ -66,11 +66,6 @@ _LAYOUT = ("patientNNN_ED.nii.gz, patientNNN_ES.nii.gz, patientNNN_ED_gt.nii.gz,
 _FILES = ("ED", "ES", "ED_gt", "ES_gt")
 
 
-def _split_rule(split: str) -> str:
-    rems = sorted(acdc.SPLITS[split])
-    return "patient number % 5 " + (f"== {rems[0]}" if len(rems) == 1 else "in {" + ", ".join(map(str, rems)) + "}")
-
-
 def _split_patients(root, split: str, max_patients: int | None = None, *, required: bool = True) -> list[str]:
     """Patient ids of ``split`` under ``root`` (the first ``max_patients``), each with its four files.
 
@@ -85,7 +80,7 @@ def _split_patients(root, split: str, max_patients: int | None = None, *, requir
         if n_all == 0:
             raise TrainInputError(f"{root}: no ACDC patients in this folder; expected {_LAYOUT}")
         raise TrainInputError(f"{root}: none of its {n_all} ACDC patients is in the {split} split "
-                              f"({_split_rule(split)})")
+                              f"({acdc.split_rule(split)})")
     for pid in ids:
         missing = [f"{pid}_{s}.nii.gz" for s in _FILES if not (Path(root) / f"{pid}_{s}.nii.gz").is_file()]
         if missing:
@@ -525,6 +520,8 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 500
     val_max_pairs: int | None = None
+    val_split: str = "val"  # the patients that pick best.pt ("val-select" leaves "val-test" unseen)
+    init_from: str | None = None  # start from this checkpoint's weights (fresh Adam, step 0) instead of random ones
     save_every: int = 100
     device: str = "cpu"
     threads: int | None = None
@@ -563,11 +560,25 @@ class _Sampler:
         return out
 
 
+def _initial_weights(path, model_cfg: VRNetConfig) -> dict:
+    """The state dict of the checkpoint ``path``, checked to hold ``model_cfg`` (fine-tuning start)."""
+    try:
+        start, _ = load_checkpoint(path, ndim=model_cfg.ndim)
+    except (OSError, ValueError) as exc:
+        raise TrainInputError(f"--from-checkpoint: {exc}") from None
+    if start.config != model_cfg:
+        have, want = start.config.to_dict(), model_cfg.to_dict()
+        diff = ", ".join(f"{k} {have.get(k)!r} there, {want[k]!r} asked" for k in want if have.get(k) != want[k])
+        raise TrainInputError(f"--from-checkpoint {path}: holds another model config ({diff}); give the model "
+                              "options it was trained with")
+    return start.state_dict()
+
+
 def _meta(tcfg, lcfg, ds, step, val, best_step):
     return {
         "data": "ACDC 2-D ED<->ES short-axis slices (varreg.acdc layout)",
         "data_root": str(tcfg.data),
-        "split": {"train": "patient % 5 in {1,2,3}", "val": "patient % 5 == 4",
+        "split": {"train": acdc.split_rule("train"), tcfg.val_split: acdc.split_rule(tcfg.val_split),
                   "train_patients": len(ds.patients), "train_pairs": len(ds), "slices": tcfg.slices,
                   "directions": "ED->ES and ES->ED", "crop": list(tcfg.size)},
         "steps": int(step),
@@ -676,14 +687,17 @@ def _train(tcfg: TrainConfig, model_cfg: VRNetConfig, loss_cfg: LossConfig, worl
         best_step = ts.get("best_step")
         best_val = ts.get("best_val")
         log(f"resumed {last} at step {step} (best val dice {best_score:.4f})")
+    elif tcfg.init_from:
+        model.load_state_dict(_initial_weights(tcfg.init_from, model_cfg))
+        log(f"weights from {tcfg.init_from}")
     model.train()
 
     ds = ACDCSlices(tcfg.data, "train", tcfg.size, slices=tcfg.slices, max_patients=tcfg.max_patients)
-    val_pairs = load_val_pairs(tcfg.data, "val", tcfg.val_max_pairs, tcfg.val_max_patients) if tcfg.val_every else []
+    val_pairs = load_val_pairs(tcfg.data, tcfg.val_split, tcfg.val_max_pairs, tcfg.val_max_patients) if tcfg.val_every else []
     if tcfg.val_every and not val_pairs:
-        n_val = len(acdc.patients(tcfg.data, "val")[:tcfg.val_max_patients])
+        n_val = len(acdc.patients(tcfg.data, tcfg.val_split)[:tcfg.val_max_patients])
         raise TrainInputError(
-            f"{tcfg.data}: no validation pair: " + (f"no patient of the val split ({_split_rule('val')})" if not n_val
+            f"{tcfg.data}: no validation pair: " + (f"no patient of the {tcfg.val_split} split ({acdc.split_rule(tcfg.val_split)})" if not n_val
             else f"no slice of the {n_val} val patient(s) has RV, Myo and LV (labels 1, 2, 3) in both ED and ES")
             + "; validation needs one (or train without it: val_every=0, --val-every 0)")
     if not lead:
