@@ -1,7 +1,7 @@
 """``varreg batch``: register a cohort of pairs on Dask distributed, resumably.
 
 A manifest (CSV: ``id, fixed, moving`` and optional ``fixed_labels,
-moving_labels``; paths relative to the manifest's folder) names the pairs.
+moving_labels, fixed_mask, moving_mask``; paths relative to the manifest's folder) names the pairs.
 Each pair is one task: :func:`varreg_cli.pipeline.run_register`, the code of
 ``varreg register``, run on a worker into ``OUT/<id>/``. The tasks run on a
 :class:`distributed.LocalCluster` (worker processes under nannies, bound to
@@ -54,7 +54,7 @@ __all__ = ["Pair", "PairResult", "read_manifest", "register_pairs", "BatchRun", 
 MARKER = ".varreg-batch.json"  #: per pair folder, written last
 OUT_MARKER = ".varreg-batch-out.json"  #: in OUT: this folder is a batch's (its results.csv is ours)
 RESULTS = "results.csv"
-COLUMNS = ("id", "fixed", "moving", "fixed_labels", "moving_labels")
+COLUMNS = ("id", "fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
 REQUIRED = ("id", "fixed", "moving")
 RESOURCE = "varreg_pair"  #: worker resource: one pair at a time per worker, with all its threads
 DEFAULT_RETRIES = 3
@@ -81,6 +81,8 @@ class Pair:
     moving: str
     fixed_labels: str | None = None
     moving_labels: str | None = None
+    fixed_mask: str | None = None
+    moving_mask: str | None = None
 
 
 @dataclass
@@ -134,8 +136,9 @@ def _check_pairs(pairs: list[Pair], path, wheres=None) -> None:
 def read_manifest(path) -> list[Pair]:
     """The pairs of a manifest CSV, paths made absolute against the manifest's folder.
 
-    Columns ``id, fixed, moving`` (required) and ``fixed_labels, moving_labels``
-    (optional; empty cells allowed). Raises :class:`varreg.io.InputError` (one
+    Columns ``id, fixed, moving`` (required) and ``fixed_labels, moving_labels,
+    fixed_mask, moving_mask`` (optional; empty cells allowed; the masks as ``--fixed-mask`` /
+    ``--moving-mask``). Raises :class:`varreg.io.InputError` (one
     line naming the file and the row) for a missing or unreadable file, a file
     that is not CSV text, a missing or unknown column, a row of the wrong
     length, an empty path, a duplicate id or an id that is not a safe folder name.
@@ -169,7 +172,7 @@ def read_manifest(path) -> list[Pair]:
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise InputError(path, f"has no column {', '.join(missing)} (header: {', '.join(header) or 'none'}); the "
-                               f"manifest's columns are {', '.join(COLUMNS)} (the last two optional)")
+                               f"manifest's columns are {', '.join(COLUMNS)} (labels and masks optional)")
     unknown = [h for h in header if h not in COLUMNS]
     if unknown:
         raise InputError(path, f"unknown column {unknown[0]!r}; the manifest's columns are {', '.join(COLUMNS)}")
@@ -192,8 +195,7 @@ def read_manifest(path) -> list[Pair]:
                 raise InputError(path, f"{where} (id {pid}): empty {col} path")
         absolute = {c: (os.path.normpath(os.path.join(base, cells[c])) if cells.get(c) else None)
                     for c in COLUMNS[1:]}
-        pairs.append(Pair(pid, absolute["fixed"], absolute["moving"], absolute["fixed_labels"],
-                          absolute["moving_labels"]))
+        pairs.append(Pair(pid, **{c: absolute[c] for c in COLUMNS[1:]}))
         wheres.append(where)
     _check_pairs(pairs, path, wheres)
     return pairs
@@ -206,11 +208,11 @@ def _as_pairs(pairs) -> tuple[list[Pair], str]:
     out = []
     for p in pairs:
         if isinstance(p, Pair):
-            vals = (p.id, p.fixed, p.moving, p.fixed_labels, p.moving_labels)
+            vals = tuple(getattr(p, c) for c in COLUMNS)
         elif isinstance(p, dict):
             vals = tuple(p.get(c) for c in COLUMNS)
         else:
-            vals = tuple(p) + (None,) * (5 - len(p))
+            vals = tuple(p) + (None,) * (len(COLUMNS) - len(p))
         pid, *paths = vals
         paths = [os.path.abspath(os.fspath(x)) if x else None for x in paths]
         out.append(Pair(str(pid or ""), *paths))
@@ -315,9 +317,13 @@ def _differences(old: dict, new: dict) -> str:
     return ", ".join(out) or "the fingerprint"
 
 
-def expected_outputs(pair: Pair, opts: dict) -> list[str]:
+def expected_outputs(pair: Pair, opts: dict, solver: dict | None = None) -> list[str]:
     """The file names ``varreg register`` may write for ``pair`` into its folder."""
     names = ["warped.nii.gz", "displacement.nii.gz"]
+    if (solver or {}).get("affine"):
+        from .pipeline import AFFINE_OUTPUTS
+
+        names.extend(AFFINE_OUTPUTS)
     if pair.moving_labels:
         names.append("warped_labels.nii.gz")
     if pair.fixed_labels:
@@ -526,7 +532,8 @@ def run_pair(job: dict) -> dict:
             pair.fixed, pair.moving, folder, fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels,
             qc=opts["qc"], resample=opts["resample"], slices=opts["slices"], frame=opts["frame"],
             fixed_frame=opts["fixed_frame"], moving_frame=opts["moving_frame"], isotropic=opts["isotropic"],
-            force=force_files, quiet=True, solver=dict(job["solver"]), threads=threads)
+            force=force_files, quiet=True, solver=dict(job["solver"]), threads=threads, fixed_mask=pair.fixed_mask,
+            moving_mask=pair.moving_mask)
     except InputError as exc:
         seconds = time.perf_counter() - t0
         current = read_marker(folder)
@@ -666,7 +673,7 @@ class BatchRun:
         for p in self.pairs:
             folder = os.path.join(self.outdir, p.id)
             fp = fingerprint(p, self.opts, self.solver)
-            may_write = expected_outputs(p, self.opts)
+            may_write = expected_outputs(p, self.opts, self.solver)
             previous: set[str] = set()
             force_files = self.force
             if os.path.lexists(folder):

@@ -107,6 +107,12 @@ def main():
               help="Frame of a 4-D MOVING (overrides --frame).")
 @click.option("--initial", metavar="D", default=None,
               help="Initial displacement: a displacement.nii.gz on the fixed grid (as written by this command).")
+@click.option("--fixed-mask", metavar="M", default=None,
+              help="Binary mask (0/1) on the fixed grid: the data term counts only inside it; outside, the "
+                   "displacement follows the regulariser (e.g. leave out an artefact or the field of view's edge).")
+@click.option("--moving-mask", metavar="M", default=None,
+              help="Binary mask (0/1) on the moving grid, carried with MOVING: the data term ignores points that "
+                   "map outside it.")
 @click.option("--isotropic", is_flag=True,
               help="Ignore the voxel sizes in the regulariser (treat voxels as cubes); outputs stay in mm.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
@@ -114,7 +120,7 @@ def main():
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs (default: refuse, write nothing).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary line (errors still go to stderr).")
 def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, slices, frame, fixed_frame,
-             moving_frame, initial, isotropic, threads, force, quiet, **solver):
+             moving_frame, initial, fixed_mask, moving_mask, isotropic, threads, force, quiet, **solver):
     """Register MOVING onto FIXED (NIfTI, or 2-D PNG/TIFF/NPY) in physical space.
 
     \b
@@ -127,6 +133,10 @@ def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, s
       warped_labels.nii.gz  with --moving-labels
       metrics.json          with --fixed-labels and --moving-labels
       warped.<ext>          for PNG/TIFF inputs, in the input's format
+      affine.tfm            with --affine (not --slices): the affine stage as an ITK transform
+                            file (LPS mm; SimpleITK ReadTransform, antsApplyTransforms -t)
+      residual.nii.gz       with --affine: the field after it; the ITK composite
+                            [affine.tfm, residual.nii.gz] equals displacement.nii.gz
 
     The voxel sizes of FIXED (from its affine) reach the solver; images are
     read with their affine (orientation, spacing, origin). The solver flags
@@ -141,7 +151,8 @@ def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, s
     pipeline.run_register(
         fixed, moving, outdir, fixed_labels=fixed_labels, moving_labels=moving_labels, qc=qc, resample=resample,
         slices=slices, frame=frame, fixed_frame=fixed_frame, moving_frame=moving_frame, force=force, quiet=quiet,
-        isotropic=isotropic, initial=initial, t0=t0, threads=threads, solver=solver,
+        isotropic=isotropic, initial=initial, t0=t0, threads=threads, solver=solver, fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
     )
 
 

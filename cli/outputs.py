@@ -164,6 +164,10 @@ class OutputSet:
             json.dump(obj, fh, indent=2, allow_nan=False)
             fh.write("\n")
 
+    def save_text(self, text: str, path) -> None:
+        with open(self.stage(path), "w", encoding="utf-8") as fh:
+            fh.write(text)
+
     def save_plain(self, array, path) -> None:
         """A 2-D (or ``(H, W, C)`` colour) array as PNG/TIFF/JPEG/BMP, or any array as ``.npy``."""
         _, ext = split_ext(path)

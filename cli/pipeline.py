@@ -52,13 +52,13 @@ def warp_onto_fixed(solved: ImageRegistration | None, fixed: vio.Image, src: vio
 
 
 # --------------------------------------------------------------------------- metrics
-def _register_images(fixed: vio.Image, moving_arr, *, slices, method, isotropic, quiet, initial):
+def _register_images(fixed: vio.Image, moving_arr, *, slices, method, isotropic, quiet, initial, masks):
     """:func:`varreg.register_images` with the command line's progress: a bar over slices, a spinner in 3-D."""
     mode = registration_mode(fixed, slices)
     on = progress.enabled(quiet)
     nz = fixed.shape[2]
     kw = dict(slices=slices, isotropic=isotropic, initial=initial, method=method,
-              progress=lambda it: progress.loop(it, nz, "slices", on))
+              progress=lambda it: progress.loop(it, nz, "slices", on), **masks)
     if mode == "3d":
         with progress.Spinner(f"registering 3-D {'x'.join(map(str, fixed.shape))}", on):
             return register_images(fixed, moving_arr, **kw)
@@ -79,6 +79,46 @@ def set_threads(threads) -> None:
 
 
 REGISTER_OUTPUTS = ("warped.nii.gz", "displacement.nii.gz")
+AFFINE_OUTPUTS = ("affine.tfm", "residual.nii.gz")
+
+
+def load_masks(fixed: vio.Image, moving: vio.Image, paths: dict, *, resample: bool, frames: dict) -> dict:
+    """``--fixed-mask`` / ``--moving-mask`` files as 0/1 float32 arrays on the fixed grid.
+
+    ``paths``: ``{"fixed_mask": path or None, "moving_mask": ...}``. A mask lies on its image's
+    grid (the moving one is resampled onto the fixed grid with MOVING, nearest neighbour, under
+    ``--resample``). Raises :class:`InputError` naming the file for another grid, a mask that is
+    not binary, or an empty one."""
+    from varreg.registration import check_mask
+
+    out = {}
+    for name, ref in (("fixed_mask", fixed), ("moving_mask", moving)):
+        path = paths.get(name)
+        if not path:
+            continue
+        flag = "--" + name.replace("_", "-")
+        img = load_image(path, frame=frames[name], labels=True, frame_flag=f"--frame (for {flag})")
+        side = name.split("_")[0]
+        if not vio.same_grid(img, ref) and not resample:
+            raise InputError(path, f"{flag} is not on the {side} image's grid ({vio.describe_grid(img)} vs "
+                                   f"{vio.describe_grid(ref)}); pass --resample to sample it in world coordinates")
+        data = img.data if vio.same_grid(img, fixed) else warp_onto_fixed(None, fixed, img, img.data, 0, False)
+        try:
+            out[name] = check_mask(flag, data, fixed.shape)
+        except ValueError as exc:
+            raise InputError(path, str(exc)) from None
+    return out
+
+
+def save_affine(outs: OutputSet, paths, solved: ImageRegistration, fixed: vio.Image) -> None:
+    """``affine.tfm`` (ITK) and ``residual.nii.gz``: the composite [affine, residual field] that ITK,
+    SimpleITK and ANTs apply (the field first) equals ``displacement.nii.gz``."""
+    from varreg.affine import residual_displacement
+
+    r = residual_displacement(solved.u, solved.affine)
+    two_d = vio.is_two_d_field(solved.u, fixed) and vio.is_two_d_field(r, fixed)
+    outs.save_text(vio.itk_affine_text(solved.affine, fixed, two_d=two_d), paths[0])
+    outs.save_nifti(vio.displacement_nifti(r, fixed), paths[1])
 
 
 def _qc_path(qc, outdir):
@@ -90,7 +130,8 @@ def _qc_path(qc, outdir):
 def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_labels=None, qc=None,
                  resample=False, slices=False, frame=None, fixed_frame=None, moving_frame=None,
                  force=False, quiet=False, isotropic=False, initial=None, solver=None,
-                 label_names=None, truth=None, t0=None, prefix="", threads=None) -> dict:
+                 label_names=None, truth=None, t0=None, prefix="", threads=None, fixed_mask=None,
+                 moving_mask=None) -> dict:
     """``varreg register``: returns the metrics dict (also when no labels are given: then not written)."""
     t0 = time.perf_counter() if t0 is None else t0
     set_threads(threads)
@@ -98,6 +139,9 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
     method, kind = method_from_flags(solver)  # every solver option checked before any file is read
     if initial and kind == "vrnet":
         raise InputError("--initial", "goes with the classical solver; VR-Net computes its own initial displacement")
+    if (fixed_mask or moving_mask) and kind == "vrnet":
+        raise InputError("--fixed-mask" if fixed_mask else "--moving-mask",
+                         "goes with the classical solver (the network sees whole images); drop it or the --denoiser unet")
     if fixed_labels is not None and moving_labels is None:
         raise InputError(fixed_labels, "--fixed-labels needs --moving-labels as well (the labels to warp and compare)")
     ff = fixed_frame if fixed_frame is not None else frame
@@ -141,6 +185,11 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
                                  path=flab.path, header=flab.header, disk_dtype=flab.disk_dtype)
         if slices and len(fixed.active_axes) == 3 and min(fixed.shape[:2]) < 4:
             raise InputError(fixed_path, f"slices of shape {fixed.shape[:2]} are too small for --slices")
+        masks = load_masks(fixed, moving, {"fixed_mask": fixed_mask, "moving_mask": moving_mask}, resample=resample,
+                           frames={"fixed_mask": ff, "moving_mask": mf})
+        p_affine = None
+        if solver.get("affine") and registration_mode(fixed, slices) != "slices":
+            p_affine = [outs.plan(os.path.join(outdir, n)) for n in AFFINE_OUTPUTS]
         u_init = None
         if initial:
             u_init, igrid = vio.load_displacement(initial)
@@ -151,7 +200,7 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
         moving_arr = moving.data if same else warp_onto_fixed(None, fixed, moving, moving.data, 1, False)
         try:
             solved = _register_images(fixed, moving_arr, slices=slices, method=method, isotropic=isotropic,
-                                      quiet=quiet, initial=u_init)
+                                      quiet=quiet, initial=u_init, masks=masks)
         except InputError:
             raise
         except (ValueError, TypeError) as exc:
@@ -172,6 +221,8 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
         warped = warp_onto_fixed(solved, fixed, moving, moving.data, 1, same).astype(np.float32, copy=False)
         outs.save_nifti(vio.image_nifti(warped, fixed, np.float32), p_warped)
         outs.save_nifti(vio.displacement_nifti(solved.u, fixed), p_disp)
+        if p_affine is not None and solved.affine is not None:
+            save_affine(outs, p_affine, solved, fixed)
         if p_warped_plain is not None:
             if moving.colour is not None:
                 chans = [warp_onto_fixed(solved, fixed, moving, np.ascontiguousarray(moving.colour[..., k])[:, :, None].astype(np.float32), 1, same)[:, :, 0]

@@ -427,3 +427,29 @@ def test_local_layout_shares_the_cores():
     assert t == 2 and n == max(1, cores // 2)
     n, t = B.local_layout(1, None)
     assert (n, t) == (1, cores)
+
+
+def test_mask_columns_reach_register_and_a_bad_mask_fails_its_row(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    p = phantom.demo_pair((48, 40), rng=70)
+    save(data / "f.nii.gz", p.fixed, np.float32)
+    save(data / "m.nii.gz", p.moving, np.float32)
+    mask = np.ones((48, 40), np.uint8)
+    mask[:6] = 0
+    save(data / "mask.nii.gz", mask, np.uint8)
+    save(data / "empty.nii.gz", np.zeros((48, 40), np.uint8), np.uint8)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,fixed,moving,fixed_mask\nok,data/f.nii.gz,data/m.nii.gz,data/mask.nii.gz\n"
+                        "empty,data/f.nii.gz,data/m.nii.gz,data/empty.nii.gz\n")
+    res = cli("batch", manifest, "-o", tmp_path / "out", "--workers", 1, "--threads-per-worker", 1)
+    assert res.exit_code != 0
+    rows = {r["id"]: r for r in read_results(tmp_path / "out")}
+    assert rows["ok"]["status"] == "ok" and rows["empty"]["status"] == "failed"
+    assert "empty" in rows["empty"]["error"] and "--fixed-mask" in rows["empty"]["error"]
+    single = cli("register", data / "f.nii.gz", data / "m.nii.gz", "-o", tmp_path / "single", "--fixed-mask",
+                 data / "mask.nii.gz")
+    assert single.exit_code == 0, single.output
+    a = nib.load(str(tmp_path / "out" / "ok" / "displacement.nii.gz")).get_fdata()
+    b = nib.load(str(tmp_path / "single" / "displacement.nii.gz")).get_fdata()
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -30,7 +30,8 @@ from .differences import central_gradient
 from .pyramid import level_shapes, smoothing_sigma
 from .resample import gaussian_smooth, resize, warp
 
-__all__ = ["KINDS", "Affine", "estimate_affine", "voxel_matrix", "world_matrix", "displacement_of"]
+__all__ = ["KINDS", "Affine", "estimate_affine", "voxel_matrix", "world_matrix", "displacement_of",
+           "residual_displacement"]
 
 KINDS = ("rigid", "similarity", "affine")
 
@@ -81,6 +82,20 @@ def displacement_of(M: np.ndarray, shape) -> np.ndarray:
     x = np.stack(grids)
     y = np.tensordot(M[:d, :d], x, axes=1) + M[:d, d].reshape((d,) + (1,) * d)
     return (y - x).astype(np.float32)
+
+
+def residual_displacement(u, M: np.ndarray) -> np.ndarray:
+    """The deformable part ``r`` of a whole displacement ``u`` ``(ndim, *shape)`` (voxels) after the
+    affine ``M`` (a voxel transform, ``(ndim + 1)`` square): ``x + u(x) = M (x + r(x))``, so
+    ``r(x) = M^-1 (x + u(x)) - x``; float32, the shape of ``u``. An ITK composite transform
+    [affine ``M``, field ``r``] (the field applied first) is then the whole transform."""
+    u = np.asarray(u, np.float64)
+    d = u.shape[0]
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in u.shape[1:]], indexing="ij")
+    y = np.stack(grids) + u
+    Mi = np.linalg.inv(np.asarray(M, np.float64))
+    x = np.tensordot(Mi[:d, :d], y, axes=1) + Mi[:d, d].reshape((d,) + (1,) * d)
+    return (x - np.stack(grids)).astype(np.float32)
 
 
 def _project(A: np.ndarray, kind: str) -> np.ndarray:

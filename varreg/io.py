@@ -39,6 +39,7 @@ __all__ = [
     "Image",
     "load_image",
     "load_displacement",
+    "itk_affine_text",
     "same_grid",
     "describe_grid",
     "voxel_sizes",
@@ -374,7 +375,7 @@ def displacement_nifti(u, ref: Image):
     if u.shape != (3, *ref.shape):
         raise ValueError(f"displacement of shape {u.shape} does not fit the grid {ref.shape}")
     d = displacement_to_world(u, ref.affine) * _RAS_LPS.astype(np.float32).reshape(3, 1, 1, 1)
-    if ref.shape[2] == 1 and np.all(d[2] == 0):
+    if is_two_d_field(u, ref):
         # one axial slice: ITK reads a (X, Y, 1, 1, C) vector image as 2-D, so write its 2-D field (x, y)
         d = d[:2]
     arr = np.ascontiguousarray(np.moveaxis(d, 0, -1)[:, :, :, None, :], dtype=np.float32)
@@ -383,6 +384,41 @@ def displacement_nifti(u, ref: Image):
     _copy_geometry(img, ref.header, ref.affine)
     img.header["descrip"] = b"varreg displacement, LPS mm (ITK)"
     return img
+
+
+def itk_affine_text(voxel: np.ndarray, ref: Image, *, two_d: bool = False) -> str:
+    """An ITK transform file (text, ``#Insight Transform File V1.0``) of a voxel transform on ``ref``'s grid.
+
+    ``voxel``: ``(4, 4)``, a fixed voxel index ``x`` -> ``voxel @ [x, 1]`` (voxel indices of the
+    same grid, as :attr:`varreg.registration.ImageRegistration.affine`). Written as the
+    world map ``p -> W p + t`` of LPS millimetres (``W = F B M B^-1 F`` with ``B`` = ``ref.affine``
+    and ``F`` = diag(-1, -1, 1)), an ``AffineTransform_double_3_3`` with centre 0 that
+    SimpleITK (``sitk.ReadTransform``), ITK and ANTs (``antsApplyTransforms -t``) read. ``two_d``:
+    the in-plane ``AffineTransform_double_2_2`` for one axial slice, matching the 2-D field
+    that :func:`displacement_nifti` writes then (the map must leave z alone).
+    """
+    B = np.asarray(ref.affine, np.float64)
+    F = np.diag([*_RAS_LPS, 1.0])
+    W = F @ B @ np.asarray(voxel, np.float64) @ np.linalg.inv(B) @ F
+    d = 3
+    if two_d:
+        if not (np.allclose(W[2, :3], [0, 0, 1], atol=1e-6) and np.allclose(W[:2, 2], 0, atol=1e-6)
+                and abs(W[2, 3]) < 1e-6):
+            raise ValueError("the affine moves points out of the slice's plane; it has no 2-D form")
+        W = W[np.ix_([0, 1, 3], [0, 1, 3])]
+        d = 2
+    params = [*W[:d, :d].ravel(), *W[:d, d]]
+    fmt = " ".join(repr(float(v)) for v in params)
+    return ("#Insight Transform File V1.0\n#Transform 0\n"
+            f"Transform: AffineTransform_double_{d}_{d}\nParameters: {fmt}\n"
+            f"FixedParameters: {' '.join(['0'] * d)}\n")
+
+
+def is_two_d_field(u, ref: Image) -> bool:
+    """Whether :func:`displacement_nifti` writes ``u`` as a 2-D field (one slice, no world z component)."""
+    if ref.shape[2] != 1:
+        return False
+    return bool(np.all(displacement_to_world(u, ref.affine)[2] == 0))
 
 
 def load_displacement(path) -> tuple[np.ndarray, Image]:

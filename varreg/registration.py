@@ -367,13 +367,16 @@ class ImageRegistration:
     ``u``: ``(3, X, Y, Z)`` float32 in voxels of the fixed grid along its array axes
     (a zero component on an axis of length 1, and along the slice axis in
     ``"slices"`` mode); ``mode``: ``"3d"``, ``"2d"`` or ``"slices"``; ``solver_s``:
-    seconds in the solver; ``info``: the run information of the (last) registration.
+    seconds in the solver; ``info``: the run information of the (last) registration;
+    ``affine``: with an affine stage in ``"3d"`` / ``"2d"`` mode, its ``(4, 4)`` transform on the
+    fixed grid's voxel indices (identity on a length-1 axis; ``u`` includes it), else None.
     """
 
     u: np.ndarray
     mode: str
     solver_s: float
     info: dict
+    affine: np.ndarray | None = None
 
     def warp(self, vol: np.ndarray, order: int) -> np.ndarray:
         """Warp a volume ``(X, Y, Z)`` on the fixed grid as the registration did (2-D per slice, 2-D or 3-D)."""
@@ -447,7 +450,7 @@ def register_images(fixed_img, moving, *, slices: bool = False, isotropic: bool 
     if mode == "3d":
         res = method(fixed_img.data, moving, spacing=sp, initial=initial, **masks, **options)
         u[:] = np.asarray(backend.to_numpy(res.displacement), np.float32)
-        return ImageRegistration(u, mode, res.info["time_s"], res.info)
+        return ImageRegistration(u, mode, res.info["time_s"], res.info, getattr(res, "affine", None))
     c = [i for i in range(3) if i not in active][0]
     init = None if initial is None else np.stack([np.take(initial[i], 0, axis=c) for i in active])
     masks2 = {name: np.take(m, 0, axis=c) for name, m in masks.items()}
@@ -456,4 +459,9 @@ def register_images(fixed_img, moving, *, slices: bool = False, isotropic: bool 
     u2 = np.asarray(backend.to_numpy(res.displacement), np.float32)
     for k, i in enumerate(active):
         u[i] = np.expand_dims(u2[k], c)
-    return ImageRegistration(u, mode, res.info["time_s"], res.info)
+    M = None
+    if getattr(res, "affine", None) is not None:  # (3, 3) on the active axes -> (4, 4) on all three
+        M = np.eye(4)
+        idx = [*active, 3]
+        M[np.ix_(idx, idx)] = res.affine
+    return ImageRegistration(u, mode, res.info["time_s"], res.info, M)
