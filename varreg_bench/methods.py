@@ -61,7 +61,8 @@ def _devices():
 
 
 # --------------------------------------------------------------------------- varreg
-#: name -> (data term, denoiser, label); each at the SolverOptions defaults of its data term
+#: name -> (data term, denoiser, label[, other SolverOptions fields]); each at the SolverOptions
+#: defaults of its data term
 VARREG_CONFIGS = {
     "varreg": ("l1", "tv", "varreg L1-TV (default)"),
     "varreg-l1-huber": ("l1", "huber", "varreg L1-Huber"),
@@ -71,6 +72,8 @@ VARREG_CONFIGS = {
     "varreg-l2-quadratic": ("l2", "quadratic", "varreg L2-quadratic"),
     "varreg-l1-tv-vectorial": ("l1", "tv-vectorial", "varreg L1-vectorial TV"),
     "varreg-l1-tgv": ("l1", "tgv", "varreg L1-TGV"),
+    "varreg-ncc": ("ncc", "tv", "varreg NCC-TV"),
+    "varreg-affine": ("l1", "tv", "varreg affine + L1-TV", {"affine": "affine"}),
 }
 
 
@@ -78,14 +81,17 @@ def _varreg_method(name):
     import varreg
     from varreg.options import SolverOptions
 
-    data_term, denoiser, label = VARREG_CONFIGS[name]
+    data_term, denoiser, label, *rest = VARREG_CONFIGS[name]
+    extra = rest[0] if rest else {}
 
     def run(fixed, moving, spacing=None, device="cpu"):
-        res = varreg.register(fixed, moving, data_term=data_term, denoiser=denoiser, spacing=spacing, device=device)
+        res = varreg.register(fixed, moving, data_term=data_term, denoiser=denoiser, spacing=spacing, device=device,
+                              **extra)
         return np.asarray(to_numpy(res.displacement), dtype=np.float32)
 
-    o = SolverOptions(data_term=data_term, denoiser=denoiser).resolved()
-    cfg = (f"varreg.register(data_term={data_term!r}, denoiser={denoiser!r}): theta {o.theta}, lam {o.lam}, "
+    o = SolverOptions(data_term=data_term, denoiser=denoiser, **extra).resolved()
+    args = "".join(f", {k}={v!r}" for k, v in extra.items())
+    cfg = (f"varreg.register(data_term={data_term!r}, denoiser={denoiser!r}{args}): theta {o.theta}, lam {o.lam}, "
            f"warps {o.warps} per level (finest first) x {o.iterations} iterations x {o.denoiser_iterations} "
            f"denoiser steps, then refine {o.refine} {o.refine_denoiser} warps per level (lam {o.refine_lam}), "
            f"scale {o.scale}"
