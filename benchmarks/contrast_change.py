@@ -95,15 +95,15 @@ def grid(pairs, seeds):
 
     w = NCC.weights
     points = [dict()]
-    for c in (0.5, 2.0):
+    for c in (0.7, 1.4):
         points.append(dict(theta=w.theta * c, lam=w.lam * c, refine_lam=w.refine_lam * c))
-    for lam in (0.5, 2.0):
+    for lam in (0.7, 1.4):
         points.append(dict(lam=w.lam * lam))
-    for rl in (0.2, 0.8):
-        points.append(dict(refine_lam=rl))
-    for window in (5, 15):
+    for rl in (0.5, 2.0):
+        points.append(dict(refine_lam=w.refine_lam * rl))
+    for window in (25, 61):
         points.append(dict(window=window))
-    for floor in (0.05, 0.3):
+    for floor in (0.03, 0.3):
         points.append(dict(floor=floor))
     fns = {}
     for p in points:

@@ -5,7 +5,7 @@ from scipy.optimize import minimize
 
 import varreg
 from varreg import data_terms, engine, synthetic
-from varreg.data_terms import NCC, local_standardise
+from varreg.data_terms import NCC, local_affine_fit, local_standardise
 from varreg.differences import central_gradient
 from varreg.metrics import endpoint_error
 from varreg.resample import warp
@@ -41,10 +41,49 @@ def test_local_standardise_undoes_affine_and_slowly_varying_intensity_changes():
     assert np.isfinite(const).all() and np.abs(const).max() == 0
 
 
+def test_local_affine_fit_is_the_weighted_least_squares_fit():
+    """Small window (no blocks): per voxel, the ridge least-squares fit of F on W under the
+    Gaussian weights (scipy's kernel, border replicated), solved here directly."""
+    rng = np.random.default_rng(5)
+    W = synthetic.smooth_random_image((18, 16), sigma=1.5, rng=rng)
+    F = 0.8 * W + 0.3 * synthetic.smooth_random_image((18, 16), sigma=2.0, rng=rng) + 0.1
+    window, ridge = 5.0, 1e-3
+    a, b = local_affine_fit(F, W, 2, window, ridge)
+    sigma = window / 12**0.5
+    r = int(3 * sigma + 0.5)
+    k1 = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k1 /= k1.sum()
+    for (i, j) in [(0, 0), (5, 7), (17, 15), (9, 3)]:
+        rows, wts = [], []
+        for di in range(-r, r + 1):
+            for dj in range(-r, r + 1):
+                p, q = min(max(i + di, 0), 17), min(max(j + dj, 0), 15)
+                rows.append((W[p, q], F[p, q]))
+                wts.append(k1[di + r] * k1[dj + r])
+        w_, f_ = np.array(rows).T
+        wts = np.array(wts)
+        # minimise sum wts (f - a w - c)^2 + ridge a^2 (weights summing to 1)
+        A = np.stack([w_ * np.sqrt(wts), np.sqrt(wts)], 1)
+        A = np.vstack([A, [np.sqrt(ridge), 0.0]])
+        y = np.concatenate([f_ * np.sqrt(wts), [0.0]])
+        (a_ref, b_ref), *_ = np.linalg.lstsq(A, y, rcond=None)
+        assert a_ref > 0
+        np.testing.assert_allclose([a[i, j], b[i, j]], [a_ref, b_ref], rtol=1e-4, atol=1e-6)
+
+
+def test_local_affine_fit_recovers_an_exact_affine_relation_on_blocks():
+    """A large window (statistics on blocks, interpolated back): F = 2 W + 3 gives a = 2, b = 3."""
+    W = synthetic.smooth_random_image((60, 52), sigma=2.0, rng=6)
+    a, b = local_affine_fit(2.0 * W + 3.0, W, 2, 41, 0.0)
+    np.testing.assert_allclose(a, 2.0, rtol=1e-4)
+    np.testing.assert_allclose(b, 3.0, rtol=1e-4)
+
+
 @pytest.mark.parametrize("theta", [0.3, 2.0])
 def test_ncc_u_step_minimises_its_subproblem(theta):
     """The u-step on the prepared (standardised) images minimises |rho(u)| + theta/2 |v - u|^2 per voxel,
-    rho built here from scratch: warped standardised moving, its gradient, linearised around u_w."""
+    rho built here from scratch: a (W + g.(u - u_w)) + b - F with W the warped standardised moving
+    image, g its gradient and (a, b) the local fit, frozen within the warp."""
     rng = np.random.default_rng(2)
     f = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
     m = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
@@ -55,8 +94,11 @@ def test_ncc_u_step_minimises_its_subproblem(theta):
     u = term.step(v, term.linearise(f_s, m_s, uw, 2), theta)
     warped = warp(m_s, uw)
     g = central_gradient(warped, 2)
+    a, b = local_affine_fit(f_s, warped, 2, 7, (term.floor * term.scale) ** 2)
+    assert a.min() >= 0 and np.ptp(a) > 0.05  # a real, varying fit
     for (i, j) in [(3, 4), (10, 9), (15, 2), (7, 14)]:
-        gi, r0 = g[:, i, j], warped[i, j] - f_s[i, j] - g[:, i, j] @ uw[:, i, j]
+        gi = a[i, j] * g[:, i, j]
+        r0 = a[i, j] * (warped[i, j] - g[:, i, j] @ uw[:, i, j]) + b[i, j] - f_s[i, j]
 
         def obj(x, gi=gi, r0=r0, vi=v[:, i, j]):
             return abs(r0 + gi @ x) + 0.5 * theta * np.sum((vi - x) ** 2)

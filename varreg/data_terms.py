@@ -167,34 +167,70 @@ def local_standardise(image, ndim: int, window: float, floor: float, mask=None):
     return (image - mu) / xp.sqrt(var + floor * floor * glob + 1e-20)
 
 
+def local_affine_fit(fixed, warped, ndim: int, window: float, ridge: float, support=None):
+    """Per-voxel ``(a, b)`` of the local least-squares fit ``fixed ~ a * warped + b``, ``a >= 0``.
+
+    ``fixed``, ``warped``: ``(*batch, *spatial)``. The local means, variance and covariance are
+    Gaussian-weighted (standard deviation ``window / sqrt(12)``, the variance of a box of ``window``
+    voxels), computed on a grid of blocks of ``k ~ sigma / 2`` voxels and interpolated back
+    linearly: the guided filter's local linear model (He, Sun and Tang, "Guided image filtering",
+    TPAMI 2013; subsampled as in He and Sun, "Fast guided filter", 2015), with ``a = cov / (var +
+    ridge)``. ``support`` (``(*spatial)`` of 0/1) restricts the statistics to the voxels inside it
+    (normalised convolution). The best affine fit's residual is what local correlation measures:
+    ``1 - CC^2 = min_ab sum (F - aW - b)^2 / sum (F - mean F)^2`` in each window (Roche et al.,
+    "Unifying maximum likelihood approaches in medical image registration", IJIST 2000).
+    """
+    from .resample import block_mean, block_upsample
+
+    xp = namespace(fixed, warped)
+    sigma = float(window) / 12.0**0.5
+    k = max(1, int(sigma // 2))
+    spatial = tuple(fixed.shape[fixed.ndim - ndim:])
+    parts = [fixed, warped, fixed * warped, warped * warped]
+    if support is not None:
+        s = xp.astype(support, fixed.dtype)
+        parts = [p * s for p in parts] + [xp.broadcast_to(s, fixed.shape)]
+    stats = gaussian_smooth(block_mean(xp.stack(parts), k, ndim), sigma / k, ndim)
+    if support is not None:
+        w = xp.maximum(stats[4, ...], xp.full_like(stats[4, ...], 1e-6))
+        stats = stats[:4, ...] / w
+    mf, mw, fw, ww = (stats[i, ...] for i in range(4))
+    zero = xp.zeros_like(mf)
+    a = xp.maximum(fw - mf * mw, zero) / (xp.maximum(ww - mw * mw, zero) + ridge)
+    b = mf - a * mw
+    ab = block_upsample(xp.stack([a, b]), spatial, k, ndim)
+    return ab[0, ...], ab[1, ...]
+
+
 @dataclass(frozen=True)
 class NCC:
-    """Local normalised cross-correlation, by local standardisation (s = 1 on standardised intensities).
+    """Local normalised cross-correlation as L1 after a local affine intensity fit, refitted every warp.
 
-    The local correlation coefficient of two images is one minus half the mean
-    squared difference of their locally standardised versions (Cachier et al.
-    2003, "Iconic feature based nonrigid registration: the PASHA algorithm";
-    the cross-correlation metric of ANTs SyN, Avants et al. 2008). Here each
-    image is standardised in its own frame, once per pyramid level
-    (:meth:`prepare`, :func:`local_standardise`), and the warps compare the
-    standardised images with the robust L1 term: the linearisation and the
-    point-wise u-step are those of :class:`L1` (paper eq. 5), closed form, on
-    any backend. Its statistics follow the moving image as it is warped, which
-    for a locally near-translational deformation equals restandardising the
-    warped image at every warp, at no cost per warp. A positive affine change
-    of either image's intensities (local gain and offset too, over distances
-    larger than the window) leaves the displacement unchanged.
+    Local correlation is invariant to a gain and an offset in every window; its
+    residual is that of the best local affine map between the images (Roche et
+    al. 2000). So at every warp the warped moving image ``W`` is mapped onto the
+    fixed one by the local least-squares fit ``a W + b`` (:func:`local_affine_fit`,
+    the guided filter's model, with a window of ``window`` voxels), and the
+    robust L1 term compares ``a W + b`` with the fixed image. The fit is frozen
+    within the warp, so the linearisation is L1's with the gradient ``a grad W``
+    and the u-step stays point-wise and closed form (paper eq. 5), on any
+    backend. A positive affine change of either image's intensities leaves the
+    displacement unchanged: :meth:`prepare` standardises each image globally (to
+    a standard deviation of 0.25, that of a typical [0, 1] image, so that L1's
+    weights carry over), and the local fit absorbs the moving image's gain and
+    offset (local ones too, over distances larger than the window). Where the
+    moving image is flat the fit has no slope (a = 0) and the data term is
+    absent, as local correlation is undefined there.
 
-    The defaults (window, weights: the L1 schedule's with theta and lam scaled
-    by 2.5, as standardised differences are larger than intensity differences)
-    were chosen on ACDC train slices with and without a contrast change
-    (``benchmarks/contrast_change.py --grid``; figures in docs/bench.md).
+    The defaults (window, weights) were chosen on ACDC train slices with and
+    without a contrast change (``benchmarks/contrast_change.py --grid``; figures
+    in docs/bench.md).
 
     Parameters
     ----------
-    window : the local window, voxels of each pyramid level (a Gaussian with the variance of a box this
-        wide); ``None``: :attr:`default_window`, or a level's shortest axis where that is shorter.
-    floor : the local standard deviation's floor relative to the image's global one (flat regions).
+    window : the local window, voxels of each pyramid level (a Gaussian with the variance of a box
+        this wide); ``None``: :attr:`default_window`, or a level's shortest axis where that is shorter.
+    floor : the fit's ridge, as a fraction of the images' standard deviation (flat regions give a -> 0).
     eps : as :class:`L1`, keeps flat regions finite in the step.
     """
 
@@ -202,9 +238,10 @@ class NCC:
     floor: float = 0.1
     eps: float = 1e-6
     name = "ncc"
-    weights = Weights(theta=0.25, lam=0.25, refine_lam=0.1)
+    weights = Weights(theta=0.1, lam=0.1, refine_lam=0.04)
     default_window = 41
-    prepare_takes_masks = True
+    scale = 0.25
+    linearise_takes_support = True
 
     def __post_init__(self):
         if self.window is not None and not (isinstance(self.window, (int, float)) and self.window >= 2):
@@ -212,16 +249,32 @@ class NCC:
         if not (isinstance(self.floor, (int, float)) and self.floor >= 0):
             raise ValueError(f"ncc floor must be >= 0, got {self.floor!r}")
 
-    def prepare(self, fixed, moving, ndim: int, fixed_mask=None, moving_mask=None):
-        """The locally standardised pair (statistics inside the masks, when given)."""
+    def prepare(self, fixed, moving, ndim: int):
+        """Each image standardised globally to mean 0 and standard deviation :attr:`scale` (a constant
+        image becomes zeros)."""
+        return _standardise(fixed, ndim, self.scale), _standardise(moving, ndim, self.scale)
+
+    def linearise(self, fixed, moving, u, ndim: int, support=None) -> Linearised:
+        """L1's linearisation of ``a W + b - fixed`` around ``u`` (``a``, ``b`` frozen; ``W`` = warped)."""
+        warped, g, rho0, gg = linearise(fixed, moving, u, ndim, self.eps)
         shortest = min(fixed.shape[fixed.ndim - ndim:])
         window = min(self.default_window if self.window is None else self.window, shortest)
-        return (local_standardise(fixed, ndim, window, self.floor, fixed_mask),
-                local_standardise(moving, ndim, window, self.floor, moving_mask))
+        a, b = local_affine_fit(fixed, warped, ndim, window, (self.floor * self.scale) ** 2, support)
+        xp = namespace(a)
+        caxis = g.ndim - ndim - 1
+        # rho0 = W - F - g.u, so a W + b - F - (a g).u = a (rho0 + F) + b - F
+        return Linearised(a * warped + b, g * xp.expand_dims(a, axis=caxis), a * (rho0 + fixed) + b - fixed,
+                          a * a * (gg - self.eps) + self.eps)
 
-    # on the standardised images the linearisation and the u-step are L1's
-    linearise = L1.linearise
     step = L1.step
+
+
+def _standardise(image, ndim: int, scale: float):
+    xp = namespace(image)
+    axes = tuple(range(image.ndim - ndim, image.ndim))
+    centred = image - xp.mean(image, axis=axes, keepdims=True)
+    std = xp.sqrt(xp.mean(centred * centred, axis=axes, keepdims=True))
+    return centred * (scale / xp.maximum(std, xp.full_like(std, 1e-12)))
 
 
 @dataclass(frozen=True)
@@ -250,22 +303,9 @@ class Masked:
 
     def prepare(self, fixed, moving, ndim: int):
         prepare = getattr(self.term, "prepare", None)
-        if prepare is None:
-            return fixed, moving
-        shape = tuple(fixed.shape[fixed.ndim - ndim:])
-        fm, mm = self.fixed_masks.get(shape), self.moving_masks.get(shape)
-        if (fm is None and mm is None) or not getattr(self.term, "prepare_takes_masks", False):
-            return prepare(fixed, moving, ndim)
-        # local statistics over one support in both images (each in its own frame, as the statistics
-        # themselves): what either mask leaves out does not leak into its neighbours' statistics
-        both = fm if mm is None else (mm if fm is None else fm * mm)
-        return prepare(fixed, moving, ndim, fixed_mask=both, moving_mask=both)
+        return (fixed, moving) if prepare is None else prepare(fixed, moving, ndim)
 
     def linearise(self, fixed, moving, u, ndim: int) -> Linearised:
-        lin = self.term.linearise(fixed, moving, u, ndim)
-        if not isinstance(lin, Linearised):
-            raise TypeError(f"masks need a data term whose linearisation is a varreg.data_terms.Linearised; "
-                            f"{type(self.term).__name__} returns {type(lin).__name__}")
         shape = tuple(fixed.shape[fixed.ndim - ndim:])
         m = self.fixed_masks.get(shape)
         mm = self.moving_masks.get(shape)
@@ -273,6 +313,14 @@ class Masked:
             xp = namespace(mm)
             mw = xp.astype(warp(mm, u) >= 0.5, mm.dtype)
             m = mw if m is None else m * mw
+        if m is not None and getattr(self.term, "linearise_takes_support", False):
+            # local statistics inside the support only: what a mask leaves out does not leak into them
+            lin = self.term.linearise(fixed, moving, u, ndim, support=m)
+        else:
+            lin = self.term.linearise(fixed, moving, u, ndim)
+        if not isinstance(lin, Linearised):
+            raise TypeError(f"masks need a data term whose linearisation is a varreg.data_terms.Linearised; "
+                            f"{type(self.term).__name__} returns {type(lin).__name__}")
         if m is None:
             return lin
         xp = namespace(lin.g)
