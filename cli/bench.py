@@ -58,6 +58,24 @@ def _command_line() -> str | None:
     return None
 
 
+#: the patient splits of varreg.acdc.SPLITS (kept here so that --help imports no numpy; tested equal)
+SPLITS = ("train", "val", "val-select", "val-test", "all")
+
+
+def _quick_split(data, echo) -> str:
+    """``--quick``'s split: val when the folder holds val patients, else all (any ACDC-layout folder)."""
+    import os
+
+    from varreg import acdc
+
+    if not os.path.isdir(data) or acdc.patients(data, "val"):
+        return "val"
+    n = len(acdc.patients(data, "all"))
+    echo(f"--quick: {data} holds no patient of the val split ({acdc.split_rule('val')}); using the first 2 of "
+         f"its {n} patients (--split all)")
+    return "all"
+
+
 @click.command(context_settings=CONTEXT)
 @click.option("--data", metavar="DIR", default=None,
               help="ACDC folder (patientNNN_{ED,ES}[_gt].nii.gz), e.g. ../shared/data/acdc. Needed for the "
@@ -65,9 +83,10 @@ def _command_line() -> str | None:
 @click.option("-o", "--outdir", default=None, metavar="REPORT_DIR",
               help="Report folder (created): report.md, header.json, results_*.md/.csv, per_pair_*.csv, "
                    "runtime.md/.csv, boxplots_*.png, and scaling.* / tuning.* with --scaling / --tune.")
-@click.option("--split", type=click.Choice(["train", "val", "all"]), default=None,
-              help="Patients by the ACDC number rule: train n % 5 in {1,2,3}, val n % 5 == 4, all. "
-                   "Default: all (val with --quick; train with --tune).")
+@click.option("--split", type=click.Choice(list(SPLITS)), default=None,
+              help="Patients by the ACDC number rule: train n % 5 in {1,2,3}, val n % 5 == 4 (its halves "
+                   "val-select n % 10 == 4 and val-test n % 10 == 9), all. Default: all (with --quick: val, or "
+                   "all when the folder holds no val patient; train with --tune).")
 @click.option("--methods", multiple=True, callback=_csv_list, metavar="LIST",
               help="Comma-separated methods (see --list-methods). Default: unregistered, varreg's seven "
                    "configurations (L1/L2 x TV/Huber/quadratic, L1-TGV), vrnet, vrnet+refine and vrnet+refine-tgv (with "
@@ -168,6 +187,9 @@ def _run(opts, typed):
                                    "(e.g. --data ../shared/data/acdc), or choose --suites synthetic-3d")
     if opts["scaling"] and quick:
         raise InputError("--scaling", "is never part of --quick (it takes minutes to hours); run it on its own")
-    opts.update(suites=suites, split=opts["split"] or ("val" if quick else "train" if tune else "all"),
+    split = opts["split"] or ("train" if tune else "all")
+    if quick and not opts["split"]:
+        split = _quick_split(opts["data"], click.echo) if acdc_suites else "val"
+    opts.update(suites=suites, split=split,
                 max_patients=opts["max_patients"] or (2 if quick else None))
     return report.run(report.BenchOptions(**opts), command=typed, echo=click.echo)

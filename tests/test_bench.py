@@ -386,3 +386,26 @@ def test_quick_on_acdc_agrees_with_an_independent_computation(tmp_path):
     assert f"| {d.mean():.3f} ({d.mean(1).std():.3f}) |" in md
     rt = _read_csv(out / "runtime.csv")
     assert all(_f(x["cpu_s_mean"]) > 0 for x in rt if x["method"] != "unregistered")
+
+
+@pytest.mark.acdc
+@pytest.mark.skipif(not (ROOT / "patient001_ED.nii.gz").exists(), reason="../shared/data/acdc is absent")
+def test_quick_on_a_folder_without_val_patients_takes_its_first_two_and_says_so(tmp_path):
+    data = tmp_path / "acdc"
+    data.mkdir()
+    for pid in ("patient001", "patient002", "patient003"):  # train-split numbers only
+        for part in ("ED", "ES", "ED_gt", "ES_gt"):
+            os.symlink(ROOT / f"{pid}_{part}.nii.gz", data / f"{pid}_{part}.nii.gz")
+    out = tmp_path / "quick"
+    res = CliRunner().invoke(main, ["bench", "--data", str(data), "--quick", "--methods", "unregistered", "-o",
+                                    str(out)])
+    assert res.exit_code == 0, res.output
+    assert "holds no patient of the val split" in res.stdout and "--split all" in res.stdout
+    head = json.loads((out / "header.json").read_text())
+    assert head["split"] == "all" and head["patients"] == ["patient001", "patient002"]
+
+
+def test_bench_split_choices_are_varreg_acdc_splits():
+    from varreg_cli.bench import SPLITS
+
+    assert set(SPLITS) == set(acdc.SPLITS)
