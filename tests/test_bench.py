@@ -409,3 +409,19 @@ def test_bench_split_choices_are_varreg_acdc_splits():
     from varreg_cli.bench import SPLITS
 
     assert set(SPLITS) == set(acdc.SPLITS)
+
+
+def test_vrnet_slices_is_the_2d_network_on_every_slice():
+    pytest.importorskip("torch")
+    from varreg_learned import register_learned
+
+    ck = str(Path(__file__).resolve().parents[1] / "varreg_learned" / "checkpoints" / "vrnet2d_acdc.pt")
+    reg = B.registry([ck])
+    m = reg["vrnet-slices"]
+    assert m.dims == (3,) and reg["vrnet"].dims == (2,)
+    p = phantom.demo_pair((48, 40, 2), rng=8)
+    u = m.run(p.fixed, p.moving, spacing=(1.5, 1.5, 8.0))
+    assert u.shape == (3, 48, 40, 2) and np.all(u[2] == 0)
+    for k in range(2):
+        ref = register_learned(p.fixed[..., k], p.moving[..., k], ck, spacing=(1.5, 1.5)).displacement
+        np.testing.assert_allclose(u[:2, ..., k], np.asarray(ref), atol=1e-5)

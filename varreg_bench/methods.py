@@ -152,9 +152,30 @@ def _vrnet_methods(checkpoints, refine_warps):
                         f"(register_learned(post_warps={warps}, post_denoiser={denoiser!r}))")
             den_name = {"tv": "TV", "tgv": "TGV"}.get(denoiser, denoiser)
             label = ("VR-Net" if warps == 0 else f"VR-Net + {warps} classical {den_name} warps") + tag
-            out.append(Method(f"{base}{tag}", label, "learned", run, (ndim,), ("cpu", "gpu") if cuda else ("cpu",),
-                              cfg, bool(warps)))
+            devices = ("cpu", "gpu") if cuda else ("cpu",)
+            out.append(Method(f"{base}{tag}", label, "learned", run, (ndim,), devices, cfg, bool(warps)))
+            if ndim == 2 and denoiser != "tgv":  # the 3-D suite: the 2-D network on every slice
+                out.append(_sliced(f"{base}-slices{tag}", f"{label} slice by slice", run, cfg, devices, bool(warps)))
     return out
+
+
+def _sliced(name, label, run2d, cfg, devices, refines):
+    """A 2-D method on every slice of the last axis of a 3-D stack (``varreg.register_slices``)."""
+    import varreg
+
+    class _Result:  # what register_slices reads of a per-slice method's result
+        def __init__(self, u):
+            self.displacement, self.info = u, {"time_s": 0.0}
+
+    def one(fixed, moving, spacing=None, initial=None, device="cpu"):
+        return _Result(run2d(fixed, moving, spacing=spacing, device=device))
+
+    def run(fixed, moving, spacing=None, device="cpu"):
+        res = varreg.register_slices(fixed, moving, axis=-1, spacing=spacing, method=one, device=device)
+        return np.asarray(res.displacement, dtype=np.float32)
+
+    return Method(name, label, "learned", run, (3,), devices, cfg + "; varreg.register_slices(axis=-1) over the "
+                  "stack's slices, no through-slice motion", refines)
 
 
 # --------------------------------------------------------------------------- peers
