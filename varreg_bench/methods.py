@@ -179,10 +179,22 @@ def _sliced(name, label, run2d, cfg, devices, refines):
 
 
 # --------------------------------------------------------------------------- peers
+#: the pip package of each peer's module, where the names differ
+PIP_NAMES = {"ants": "antspyx", "skimage": "scikit-image", "itk.ElastixPython": "itk-elastix"}
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` (dotted names too) can be imported here, without importing it when top-level."""
+    try:
+        return util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package of a dotted name is absent
+        return False
+
+
 def _peer_method(name):
     module, label, runner, params, cfg = PEERS[name]
-    if util.find_spec(module) is None:
-        extra = "antspyx" if module == "ants" else ("scikit-image" if module == "skimage" else module)
+    if not installed(module):
+        extra = PIP_NAMES.get(module, module)
         return Unavailable(name, label, "peer", f"{extra} is not installed (pip install {extra}, or the 'peers' extra)")
 
     def run(fixed, moving, spacing=None, device="cpu"):

@@ -12,7 +12,8 @@ import os
 
 import numpy as np
 
-__all__ = ["SKIMAGE_PARAMS", "DEMONS_PARAMS", "ANTS_PARAMS", "PEERS", "skimage_tvl1", "sitk_demons", "ants_syn"]
+__all__ = ["SKIMAGE_PARAMS", "DEMONS_PARAMS", "ANTS_PARAMS", "ELASTIX_PARAMS", "PEERS", "skimage_tvl1", "sitk_demons",
+           "ants_syn", "elastix_ffd"]
 
 #: Parameters of the peers, checked with ``varreg bench --tune`` on ACDC *train* patients (docs/bench.md):
 #: skimage: its defaults (as benchmarks/acdc_2d.py; the grid's best was 0.002 Dice higher, within noise).
@@ -20,6 +21,9 @@ __all__ = ["SKIMAGE_PARAMS", "DEMONS_PARAMS", "ANTS_PARAMS", "PEERS", "skimage_t
 #: ANTsPy SyN (tuned in a separate environment with antspyx 0.6.3): the grid spanned 0.001 Dice; the fastest kept.
 SKIMAGE_PARAMS = {}
 DEMONS_PARAMS = dict(iterations=(50, 30, 20), shrink=(4, 2, 1), std=1.0, histogram_matching=True)
+#: elastix B-spline FFD: elastix's default "bspline" map (3 resolutions, Mattes mutual information with a
+#: bending-energy penalty, adaptive stochastic gradient descent); grid spacing and iterations from --tune
+ELASTIX_PARAMS = dict(grid_spacing=8.0, iterations=256, metric="AdvancedMattesMutualInformation", resolutions=3)
 ANTS_PARAMS = dict(syn_metric="CC", syn_sampling=2, flow_sigma=3.0, total_sigma=0.0, grad_step=0.2,
                    reg_iterations=(40, 20, 10))
 
@@ -121,6 +125,39 @@ def ants_syn(fixed, moving, spacing=None, device="cpu", **params):
     return np.stack([d[..., i] / sp[i] for i in range(nd)]).astype(np.float32)
 
 
+def elastix_ffd(fixed, moving, spacing=None, device="cpu", *, grid_spacing=8.0, iterations=256,
+                metric="AdvancedMattesMutualInformation", resolutions=3, threads=None):
+    """elastix B-spline free-form deformation (itk-elastix), as a varreg displacement.
+
+    elastix's default ``bspline`` parameter map (Klein et al., IEEE TMI 29(1), 2010) with the final
+    control-point spacing ``grid_spacing`` (mm, the spacing's units), ``iterations`` per resolution,
+    ``metric`` (with the bending-energy penalty of the default map) and ``resolutions`` pyramid
+    levels. transformix gives the field in physical units, in ITK's (x, y[, z]) order where x is
+    the last array axis: component ``i`` is ``field[..., ndim - 1 - i] / spacing[i]`` (as demons).
+    """
+    import itk
+
+    nd = fixed.ndim
+    sp = tuple(float(s) for s in (spacing or (1.0,) * nd))
+    images = []
+    for a in (fixed, moving):
+        img = itk.image_view_from_array(np.ascontiguousarray(a, dtype=np.float32))
+        img.SetSpacing([float(s) for s in reversed(sp)])
+        images.append(img)
+    po = itk.ParameterObject.New()
+    pm = po.GetDefaultParameterMap("bspline", int(resolutions), float(grid_spacing))
+    pm["MaximumNumberOfIterations"] = [str(int(iterations))]
+    pm["Metric"] = [metric, "TransformBendingEnergyPenalty"]
+    pm["WriteResultImage"] = ["false"]
+    po.AddParameterMap(pm)
+    kw = {} if threads is None else {"number_of_threads": int(threads)}
+    _, tp = itk.elastix_registration_method(images[0], images[1], parameter_object=po, log_to_console=False, **kw)
+    d = itk.array_from_image(itk.transformix_deformation_field(images[1], tp))  # (*shape, nd)
+    if d.shape != (*fixed.shape, nd):
+        raise RuntimeError(f"elastix field has shape {d.shape}; expected {(*fixed.shape, nd)}")
+    return np.stack([d[..., nd - 1 - i] / sp[i] for i in range(nd)]).astype(np.float32)
+
+
 PEERS = {
     # name: (module to import, label, runner, params, config text)
     "skimage-tvl1": ("skimage", "scikit-image optical_flow_tvl1 (default)", skimage_tvl1, SKIMAGE_PARAMS,
@@ -132,6 +169,10 @@ PEERS = {
                     "DiffeomorphicDemonsRegistrationFilter, histogram matching, 3 levels (shrink 4, 2, 1 on axes of "
                     ">= 32 voxels), 50/30/20 iterations, field smoothing std 1.0 voxel; iterations and std chosen "
                     "with varreg bench --tune on 3 ACDC train patients; uses the spacing"),
+    "elastix-ffd": ("itk.ElastixPython", "elastix B-spline FFD", elastix_ffd, ELASTIX_PARAMS,
+                    "itk-elastix, elastix's default bspline map: 3 resolutions, Mattes MI + bending energy, "
+                    "adaptive stochastic gradient descent; final grid spacing and iterations from varreg bench "
+                    "--tune on ACDC train patients (docs/bench.md); uses the spacing"),
     "ants-syn": ("ants", "ANTsPy SyN", ants_syn, ANTS_PARAMS,
                  "ants.registration SyNOnly, CC radius 2, flow sigma 3, total sigma 0, gradient step 0.2, "
                  "40/20/10 iterations; uses the spacing; flow sigma and iterations checked with --tune on 2 ACDC "

@@ -1,10 +1,8 @@
 """``varreg bench --tune``: grid search of the peers' parameters (on the ACDC train split)."""
 from __future__ import annotations
 
-from importlib import util
-
-from .methods import Method
-from .peers import ANTS_PARAMS, DEMONS_PARAMS, PEERS, ants_syn, sitk_demons, skimage_tvl1
+from .methods import Method, installed
+from .peers import ANTS_PARAMS, DEMONS_PARAMS, ELASTIX_PARAMS, PEERS, ants_syn, elastix_ffd, sitk_demons, skimage_tvl1
 from .tables import markdown, mean_std
 
 __all__ = ["TUNING_GRIDS", "tune_methods", "tuning_table"]
@@ -14,6 +12,9 @@ TUNING_GRIDS = {
     "skimage-tvl1": (skimage_tvl1, [dict(attachment=a, tightness=t) for a in (5, 10, 15, 30) for t in (0.3, 0.6)]),
     "sitk-demons": (sitk_demons, [dict(DEMONS_PARAMS, iterations=it, std=s)
                                   for it in ((20, 10, 5), (50, 30, 20), (100, 50, 25)) for s in (0.5, 1.0, 1.5)]),
+    "elastix-ffd": (elastix_ffd, [dict(ELASTIX_PARAMS, grid_spacing=g, iterations=it, metric=me)
+                                  for g in (4.0, 8.0, 16.0) for it in (256, 512)
+                                  for me in ("AdvancedMattesMutualInformation", "AdvancedMeanSquares")]),
     "ants-syn": (ants_syn, [dict(ANTS_PARAMS, flow_sigma=fs, reg_iterations=it)
                             for fs in (2.0, 3.0) for it in ((40, 20, 10), (80, 40, 20))]),
 }
@@ -26,7 +27,7 @@ def tune_methods(names: list[str]) -> tuple[list[Method], list[str], dict]:
         if name not in TUNING_GRIDS:
             notes.append(f"{name}: no tuning grid (only peers are tuned: {', '.join(TUNING_GRIDS)})")
             continue
-        if util.find_spec(PEERS[name][0]) is None:
+        if not installed(PEERS[name][0]):
             notes.append(f"{name} skipped: not installed")
             continue
         runner, points = TUNING_GRIDS[name]
@@ -43,7 +44,7 @@ def tune_methods(names: list[str]) -> tuple[list[Method], list[str], dict]:
 
 def short_params(p: dict) -> str:
     """The searched parameters of one grid point, ``k=v, ...`` (the fixed ones left out)."""
-    return ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("histogram_matching", "shrink", "syn_metric",
+    return ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("histogram_matching", "shrink", "syn_metric", "resolutions",
                                                                       "syn_sampling", "total_sigma", "grad_step"))
 
 
