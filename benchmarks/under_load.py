@@ -48,7 +48,7 @@ if args["method"] == "vrnet":
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     ck = Path(varreg_learned.__file__).parent / "checkpoints" / "vrnet2d_acdc.pt"
-    run = lambda f, m: register_learned(f, m, ck, device="cpu")
+    run = lambda f, m: register_learned(f, m, ck, device="cpu", post_warps=0)  # the network alone
 else:
     run = lambda f, m: varreg.register(f, m, device="cpu")
 for f, m in pairs[:2]:

@@ -89,10 +89,10 @@ torch.set_num_threads(int(sys.argv[3]))
 rng = np.random.default_rng(0)
 shape = tuple(int(n) for n in sys.argv[2].split("x"))
 f, m = rng.random(shape, dtype=np.float32), rng.random(shape, dtype=np.float32)
-register_learned(f, m, sys.argv[1])  # load, warm up
+register_learned(f, m, sys.argv[1], post_warps=0)  # load, warm up
 ok = reset_peak_rss()
 base = rss_gib()[0]
-register_learned(f, m, sys.argv[1])
+register_learned(f, m, sys.argv[1], post_warps=0)
 print(json.dumps(dict(base=base, peak=rss_gib()[1], reset=ok)))
 """
 
@@ -160,7 +160,7 @@ def main(argv=None):
         entries.append((f"shipped {path.name}: R-{c.data_term.upper()}-{c.n_warps}x{c.n_iters}@{c.scale:g}{extras} "
                         f"({meta.get('steps')} steps)", path, {}))
     for name, path, tinfo in entries:
-        res = evaluate(pairs, lambda f, m, p=path: register_learned(f, m, p).displacement, name)
+        res = evaluate(pairs, lambda f, m, p=path: register_learned(f, m, p, post_warps=0).displacement, name)
         n_par = sum(p.numel() for p in load_checkpoint(path)[0].parameters())
         res.update(inference_memory(path, threads=args.threads))
         rows.append((name, dict(tinfo, params=n_par), res))

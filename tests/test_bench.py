@@ -423,5 +423,5 @@ def test_vrnet_slices_is_the_2d_network_on_every_slice():
     u = m.run(p.fixed, p.moving, spacing=(1.5, 1.5, 8.0))
     assert u.shape == (3, 48, 40, 2) and np.all(u[2] == 0)
     for k in range(2):
-        ref = register_learned(p.fixed[..., k], p.moving[..., k], ck, spacing=(1.5, 1.5)).displacement
+        ref = register_learned(p.fixed[..., k], p.moving[..., k], ck, spacing=(1.5, 1.5), post_warps=0).displacement
         np.testing.assert_allclose(u[:2, ..., k], np.asarray(ref), atol=1e-5)

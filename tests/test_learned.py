@@ -280,7 +280,7 @@ def test_register_learned(tmp_path):
     f, m = _pair((24, 24), batch=1)
     fixed, moving = f[0].numpy() * 100, m[0].numpy() * 100  # normalised inside
     path = save_checkpoint(tmp_path / "v.pt", VRNet(VRNetConfig(**TINY)), {"steps": 3})
-    res = register_learned(fixed, moving, path)
+    res = register_learned(fixed, moving, path, post_warps=0)
     assert isinstance(res, varreg.RegistrationResult)
     assert isinstance(res.displacement, np.ndarray) and res.displacement.shape == (2, 24, 24)
     assert res.displacement.dtype == np.float32 and res.warped.shape == (24, 24)
@@ -288,10 +288,11 @@ def test_register_learned(tmp_path):
     ref = register_learned(fixed, moving, path, post_warps=1, post_solver=varreg.SolverOptions(iterations=3))
     assert ref.displacement.shape == (2, 24, 24) and ref.info["warps"] == (1,) and ref.info["levels"] == 1
     assert not np.allclose(ref.displacement, res.displacement)
+    assert register_learned(fixed, moving, path).info["post_warps"] == 5  # the default
     assert torch.get_num_threads() == 1  # the classical refinement does not leave numba's thread count behind
     assert ref.info["iterations"] == 3 and ref.info["post_options"]["iterations"] == 3
     with pytest.raises(ValueError, match="post_solver= sets the post warps, and there are none"):
-        register_learned(fixed, moving, path, post_solver=varreg.SolverOptions(iterations=3))
+        register_learned(fixed, moving, path, post_warps=0, post_solver=varreg.SolverOptions(iterations=3))
     with pytest.raises(ValueError, match="post_warps must be a non-negative integer"):
         register_learned(fixed, moving, path, post_warps=-1)
     with pytest.raises(TypeError, match="unknown VR-Net option"):

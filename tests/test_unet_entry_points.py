@@ -54,7 +54,7 @@ def test_post_warps_use_the_chosen_denoiser():
     assert default.info["post_options"]["denoiser"] == "quadratic" == VRNetOptions().post_denoiser
     assert np.abs(default.displacement - tgv.displacement).max() > 1e-4  # the choice reaches the warps
     # the post warps are the classical solver from the network's field: theta and refine_lam of the data term
-    alone = register_learned(fixed, moving, CKPT)
+    alone = register_learned(fixed, moving, CKPT, post_warps=0)
     w = varreg.data_terms.L1.weights
     same = varreg.register(fixed, moving, initial=alone.displacement, levels=1, warps=2, refine=0,
                            denoiser="quadratic", theta=w.theta, lam=w.refine_lam, device="cpu")

@@ -139,7 +139,7 @@ def _vrnet_methods(checkpoints, refine_warps):
         cuda = torch.cuda.is_available()
         for base, warps, denoiser in variants:
             def run(fixed, moving, spacing=None, device="cpu", _ck=ck, _warps=warps, _den=denoiser):
-                post = dict(post_warps=_warps, post_denoiser=_den) if _warps else {}
+                post = dict(post_warps=_warps, post_denoiser=_den) if _warps else dict(post_warps=0)
                 res = register_learned(fixed, moving, _ck, spacing=spacing,
                                        device="cuda" if device == "gpu" else "cpu", **post)
                 return np.asarray(to_numpy(res.displacement), dtype=np.float32)

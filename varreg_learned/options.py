@@ -29,8 +29,9 @@ DEVICES = ("auto", "cpu", "gpu")
 class VRNetOptions(Options):
     """Options of a VR-Net registration (:func:`varreg_learned.register_learned`); field by field: :data:`FIELDS`."""
 
-    post_warps: int = _opt(0, "int0", "Classical Gauss-Newton warps at full resolution after the network, started "
-                                      "from its displacement (0: the network alone).")
+    post_warps: int = _opt(5, "int0", "Classical Gauss-Newton warps at full resolution after the network, started "
+                                      "from its displacement (0: the network alone). The default was chosen on "
+                                      "ACDC val-select (docs/vrnet.md).")
     post_denoiser: str = _opt("quadratic", "name", "Denoiser of the post warps: after the network the remaining "
                                                    "correction is small and smooth (docs/vrnet.md compares them).")
     post_lam: float | None = _opt(None, "float+", "Regularisation weight λ of the post warps (None: the data term's "
