@@ -126,8 +126,8 @@ def test_ncc_recovers_the_field_under_a_contrast_change_where_l1_does_not(pair):
     # a window of 9 voxels for this 64 x 72 texture (the default, 41, suits whole slices and volumes)
     ncc = endpoint_error(varreg.register(fixed, changed, data_term=NCC(window=9)).displacement, truth)
     l1 = endpoint_error(varreg.register(fixed, changed).displacement, truth)
-    # measured: NCC 0.34 px (0.26 on the unchanged pair), L1 3.1 px
-    assert ncc < 0.5 and l1 > 2 * ncc, (ncc, l1)
+    # measured: NCC 0.48 px (0.26 on the unchanged pair), L1 3.1 px
+    assert ncc < 0.6 and l1 > 4 * ncc, (ncc, l1)
 
 
 def test_ncc_constant_image_gives_a_finite_zero_field():

@@ -238,7 +238,7 @@ class NCC:
     floor: float = 0.1
     eps: float = 1e-6
     name = "ncc"
-    weights = Weights(theta=0.1, lam=0.1, refine_lam=0.04)
+    weights = Weights(theta=0.1, lam=0.14, refine_lam=0.04)
     default_window = 41
     scale = 0.25
     linearise_takes_support = True

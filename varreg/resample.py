@@ -224,54 +224,51 @@ def _gaussian_torch(image, sigma, ndim):
 
 
 # ------------------------------------------------------------- block statistics
-def _block_matrices(n: int, k: int):
-    """``(mean, up)`` for one axis of ``n`` voxels in blocks of ``k`` (the last one may be shorter):
-    ``mean`` ``(nc, n)`` averages each block; ``up`` ``(n, nc)`` interpolates linearly between the
-    block centres (clamped beyond the first and the last), nc = ceil(n / k)."""
-    nc = -(-n // k)
-    starts = np.arange(nc) * k
-    stops = np.minimum(starts + k, n)
-    mean = np.zeros((nc, n))
-    for j, (a, b) in enumerate(zip(starts, stops)):
-        mean[j, a:b] = 1.0 / (b - a)
-    centres = (starts + stops - 1) / 2.0
-    x = np.arange(n, dtype=np.float64)
-    up = np.zeros((n, nc))
-    if nc == 1:
-        up[:, 0] = 1.0
-        return mean, up
-    j = np.clip(np.searchsorted(centres, x, side="right") - 1, 0, nc - 2)
-    w = np.clip((x - centres[j]) / (centres[j + 1] - centres[j]), 0.0, 1.0)
-    up[np.arange(n), j] = 1.0 - w
-    up[np.arange(n), j + 1] += w
-    return mean, up
-
-
-def _along_axes(image, mats, ndim: int):
-    """Apply one matrix per spatial axis (``(n_out, n_in)``, host arrays) to the last ``ndim`` axes."""
-    xp = namespace(image)
-    dev = array_device(image)
-    dt = np.float32 if image.dtype == xp.float32 else np.float64
-    out = image
-    for k, M in enumerate(mats):
-        axis = image.ndim - ndim + k
-        Mx = xp.asarray(np.ascontiguousarray(M.T, dtype=dt), device=dev)
-        out = xp.moveaxis(xp.moveaxis(out, axis, -1) @ Mx, -1, axis)
-    return out
+def _host_to(xp, a, like):
+    return xp.asarray(a, device=array_device(like))
 
 
 def block_mean(image, k: int, ndim: int):
-    """Means of ``image`` ``(*batch, *spatial)`` over blocks of ``k`` voxels per axis (ceil(n / k) each)."""
+    """Means of ``image`` ``(*batch, *spatial)`` over blocks of ``k`` voxels per spatial axis.
+
+    ``ceil(n / k)`` blocks per axis; a last, shorter block is completed by replicating the border
+    voxel (as edge padding would). Sums of ``k`` strided ``take``s: any array-API namespace, no
+    matrix products (BLAS threads stall on a busy machine)."""
     if k <= 1:
         return image
-    return _along_axes(image, [_block_matrices(n, k)[0] for n in image.shape[-ndim:]], ndim)
+    xp = namespace(image)
+    out = image
+    for axis in range(image.ndim - ndim, image.ndim):
+        n = out.shape[axis]
+        nc = -(-n // k)
+        acc = None
+        for t in range(k):
+            idx = _host_to(xp, np.minimum(np.arange(nc) * k + t, n - 1), out)
+            part = xp.take(out, idx, axis=axis)
+            acc = part if acc is None else acc + part
+        out = acc / k
+    return out
 
 
 def block_upsample(coarse, shape, k: int, ndim: int):
-    """:func:`block_mean`'s grid back to ``shape``: linear between block centres (border clamped)."""
+    """:func:`block_mean`'s grid back to ``shape``: linear between the block centres ``(j + 1/2) k - 1/2``,
+    clamped beyond the first and the last (two ``take``s and a blend per axis)."""
     if k <= 1:
         return coarse
-    return _along_axes(coarse, [_block_matrices(n, k)[1] for n in shape], ndim)
+    xp = namespace(coarse)
+    out = coarse
+    for d, n in enumerate(shape):
+        axis = coarse.ndim - ndim + d
+        nc = out.shape[axis]
+        pos = np.clip((np.arange(n, dtype=np.float64) + 0.5) / k - 0.5, 0.0, nc - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, nc - 1)
+        frac = (pos - lo).reshape([n if a == axis else 1 for a in range(out.ndim)])
+        w = _host_to(xp, frac.astype(np.float32 if out.dtype == xp.float32 else np.float64), out)
+        lo_v = xp.take(out, _host_to(xp, lo, out), axis=axis)
+        hi_v = xp.take(out, _host_to(xp, hi, out), axis=axis)
+        out = lo_v + w * (hi_v - lo_v)
+    return out
 
 
 # -------------------------------------------------------------------- resizing
