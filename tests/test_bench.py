@@ -80,6 +80,18 @@ def test_demons_displacement_is_in_array_axis_voxel_order_2d():
     assert np.abs(w - img)[inner].mean() < 0.25 * np.abs(np.roll(img, -2, axis=0) - img)[inner].mean()
 
 
+def test_elastix_displacement_is_in_array_axis_voxel_order_2d():
+    if not B.installed("itk.ElastixPython"):
+        pytest.skip("itk-elastix is not installed")
+    img = synthetic.smooth_random_image((64, 80), sigma=4, rng=0)
+    inner = (slice(16, -16), slice(16, -16))
+    # anisotropic pixels (2 mm along axis 0); moving[i, j] = img[i + 2, j - 3]: u = (-2, +3) voxels
+    moving = np.roll(np.roll(img, -2, axis=0), 3, axis=1)
+    u = B.elastix_ffd(img, moving, (2.0, 1.0), iterations=128)
+    assert u.shape == (2, 64, 80) and u.dtype == np.float32
+    assert abs(u[0][inner].mean() + 2) < 0.3 and abs(u[1][inner].mean() - 3) < 0.3
+
+
 def test_demons_displacement_is_in_array_axis_voxel_order_3d():
     pytest.importorskip("SimpleITK")
     vol = synthetic.smooth_random_image((40, 48, 12), sigma=3, rng=1)

@@ -16,8 +16,9 @@ import importlib
 # ``python -m varreg_bench.scaling`` finds its module not yet imported.
 _EXPORTS = {
     "methods": ("Method", "Unavailable", "VARREG_CONFIGS", "QUICK_METHODS", "registry", "default_methods",
-                "select_methods"),
-    "peers": ("SKIMAGE_PARAMS", "DEMONS_PARAMS", "ANTS_PARAMS", "PEERS", "skimage_tvl1", "sitk_demons", "ants_syn"),
+                "select_methods", "installed"),
+    "peers": ("SKIMAGE_PARAMS", "DEMONS_PARAMS", "ANTS_PARAMS", "ELASTIX_PARAMS", "PEERS", "skimage_tvl1",
+              "sitk_demons", "ants_syn", "elastix_ffd"),
     "pairs": ("STRUCTURES", "SUITES", "DEFAULT_SPACING_3D", "Pair", "acdc_pairs", "synthetic_pair"),
     "run": ("score", "run_suite", "summarise"),
     "tables": ("results_table", "epe_table", "runtime_table", "write_csv", "csv_text"),
