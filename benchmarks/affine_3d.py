@@ -132,7 +132,9 @@ def run_elastix(fixed, moving, spacing, *, threads, grid_factor=8.0, resolutions
     _, tp = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False,
                                             number_of_threads=int(threads))
     dt = time.perf_counter() - t0
-    field = itk.array_from_image(itk.transformix_deformation_field(m, tp))  # (a0, a1, a2, 3), components (x, y, z)
+    with tempfile.TemporaryDirectory(prefix="affine3d_transformix_") as tmp:  # else it writes ./deformationField.nii
+        field = itk.array_from_image(itk.transformix_deformation_field(m, tp, output_directory=tmp))
+    # field: (a0, a1, a2, 3), components in ITK order (x, y, z) = array axes reversed
     disp = np.stack([field[..., 2 - k] / spacing[k] for k in range(3)]).astype(np.float32)
     return disp, dt
 
@@ -390,7 +392,8 @@ def print_affine_diagnosis(diag):
     print("EPE of the affine stage's displacement alone (result.affine) against the true affine part A(x) - x, "
           "and against the whole truth d, in the mask; |M - A| is the largest entry of the difference of the "
           "3 x 3 parts; shift error in voxels.\n")
-    print("| case | volume | seed | affine-only EPE vs A | affine-only EPE vs d | max abs (M - A)[:3,:3] | shift error (vox) | affine stage s |")
+    print("| case | volume | seed | affine-only EPE vs A | affine-only EPE vs d | max abs (M - A)[:3,:3] "
+          "| shift error (vox) | affine stage s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in diag:
         print(f"| {r['case']} | {r['id']} | {r['seed']} | {r['epe_A']:.3f} | {r['epe_d']:.3f} | {r['lin_err']:.4f} "
@@ -485,7 +488,8 @@ def main(argv=None):
 
     records, diag = [], []
     print("\n### Data and truth\n")
-    print("| case | volume | seed | shape | spacing | |d| max (vox) | min det(I + grad d) | fixed vs moving warped by d: mean abs / mean abs fixed-moving | inverse iteration last step |")
+    print("| case | volume | seed | shape | spacing | max norm of d (vox) | min det(I + grad d) "
+          "| mean abs(fixed - moving warped by d) / mean abs(fixed - moving) | inverse iteration last step |")
     print("|---|---|---|---|---|---|---|---|---|")
     for v in volumes:
         for seed in range(args.seeds):
