@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import numpy as np
 
@@ -108,8 +109,6 @@ def ants_syn(fixed, moving, spacing=None, device="cpu", **params):
     ``field[..., i] / spacing[i]`` (checked on shifted images in
     tests/test_bench.py, which skips without antspyx).
     """
-    import tempfile
-
     import ants
 
     nd = fixed.ndim
@@ -151,8 +150,10 @@ def elastix_ffd(fixed, moving, spacing=None, device="cpu", *, grid_spacing=8.0, 
     pm["WriteResultImage"] = ["false"]
     po.AddParameterMap(pm)
     kw = {} if threads is None else {"number_of_threads": int(threads)}
-    _, tp = itk.elastix_registration_method(images[0], images[1], parameter_object=po, log_to_console=False, **kw)
-    d = itk.array_from_image(itk.transformix_deformation_field(images[1], tp))  # (*shape, nd)
+    with tempfile.TemporaryDirectory(prefix="varreg-elastix-") as tmp:  # transformix writes its field file there
+        _, tp = itk.elastix_registration_method(images[0], images[1], parameter_object=po, log_to_console=False,
+                                                output_directory=tmp, **kw)
+        d = itk.array_from_image(itk.transformix_deformation_field(images[1], tp, output_directory=tmp))  # (*shape, nd)
     if d.shape != (*fixed.shape, nd):
         raise RuntimeError(f"elastix field has shape {d.shape}; expected {(*fixed.shape, nd)}")
     return np.stack([d[..., nd - 1 - i] / sp[i] for i in range(nd)]).astype(np.float32)
