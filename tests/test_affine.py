@@ -101,3 +101,17 @@ def test_affine_option_errors():
         varreg.register(img, img, affine=True, initial=np.zeros((2, 32, 32), np.float32))
     with pytest.raises(ValueError, match="at least 2 voxels along every axis"):
         estimate_affine(np.zeros((1, 32)), np.zeros((1, 32)))
+
+
+def test_large_volumes_stop_the_affine_iterations_at_half_resolution():
+    """About 10^6 voxels: the half-resolution level already gives the samples; the estimate stays accurate."""
+    shape, sp = (100, 100, 100), (2.0, 2.0, 2.0)
+    fixed = synthetic.smooth_random_image(shape, sigma=3.0, rng=3)
+    A = Rotation.from_rotvec(np.deg2rad([4, 6, -5])).as_matrix() @ np.diag([1.04, 0.97, 1.02])
+    M = voxel_matrix(Affine(A, np.array([5.0, -4.0, 3.0]), shape, sp, "affine", {}))
+    est = estimate_affine(fixed, _moving(fixed, M), kind="affine", spacing=sp)
+    assert shape not in [lvl["shape"] for lvl in est.info["levels"]]
+    err = endpoint_error(displacement_of(voxel_matrix(est), shape), displacement_of(M, shape))
+    assert err < 0.3, err
+    full = estimate_affine(fixed, _moving(fixed, M), kind="affine", spacing=sp, finest=0)
+    assert full.info["levels"][-1]["shape"] == shape
