@@ -215,6 +215,10 @@ def registry(checkpoints=(), refine_warps: int = 5) -> dict:
         out[m.name] = m
     for name in PEERS:
         out[name] = _peer_method(name)
+    from .voxelmorph import voxelmorph_methods
+
+    for m in voxelmorph_methods():  # the shipped VoxelMorph checkpoints (varreg_bench/checkpoints/)
+        out[m.name] = m
     return out
 
 
