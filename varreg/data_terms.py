@@ -131,37 +131,25 @@ class L2:
         return l2_step(v, lin.g, lin.rho0, lin.gg, theta)
 
 
-def local_standardise(image, ndim: int, window: float, floor: float, mask=None):
-    """``(I - mu) / sqrt(var + f)``: ``image`` ``(*batch, *spatial)`` standardised in a local window.
+def local_standardise(image, ndim: int, window: float, floor: float):
+    """``(I - mu) / sqrt(var + f)``: ``image`` ``(*batch, *spatial)`` standardised in a local window
+    (the affine stage's criterion, :func:`varreg.affine.estimate_affine`).
 
     ``mu`` and ``var`` are the image's mean and variance in a Gaussian window
     with the variance of a box of ``window`` voxels (standard deviation
-    ``window / sqrt(12)``), border replicated; with a binary ``mask``
-    (``(*spatial)``) over the voxels inside it only (normalised convolution), so
-    that what is masked out does not leak into its neighbours' statistics.
-    ``f = (floor * s)^2`` with ``s`` the image's global standard deviation (inside
-    the mask) keeps flat regions (background noise) from being blown up to unit
-    variance; a constant image maps to zeros. A positive affine change
-    ``a I + b`` of the image leaves the result unchanged.
+    ``window / sqrt(12)``), border replicated. ``f = (floor * s)^2`` with ``s``
+    the image's global standard deviation keeps flat regions (background
+    noise) from being blown up to unit variance; a constant image maps to
+    zeros. A positive affine change ``a I + b`` of the image leaves the result
+    unchanged.
     """
     xp = namespace(image)
     sigma = float(window) / 12.0**0.5
     axes = tuple(range(image.ndim - ndim, image.ndim))
-    if mask is None:
-        mu = gaussian_smooth(image, sigma, ndim)
-        second = gaussian_smooth(image * image, sigma, ndim)
-        mean = xp.mean(image, axis=axes, keepdims=True)
-        centred = image - mean
-        glob = xp.mean(centred * centred, axis=axes, keepdims=True)
-    else:
-        m = xp.astype(mask, image.dtype)
-        wsum = xp.maximum(gaussian_smooth(m, sigma, ndim), xp.full_like(m, 1e-6))
-        mu = gaussian_smooth(m * image, sigma, ndim) / wsum
-        second = gaussian_smooth(m * image * image, sigma, ndim) / wsum
-        count = xp.maximum(xp.sum(m, axis=axes, keepdims=True), xp.ones_like(xp.sum(m, axis=axes, keepdims=True)))
-        mean = xp.sum(m * image, axis=axes, keepdims=True) / count
-        centred = (image - mean) * m
-        glob = xp.sum(centred * centred, axis=axes, keepdims=True) / count
+    mu = gaussian_smooth(image, sigma, ndim)
+    second = gaussian_smooth(image * image, sigma, ndim)
+    centred = image - xp.mean(image, axis=axes, keepdims=True)
+    glob = xp.mean(centred * centred, axis=axes, keepdims=True)
     var = xp.maximum(second - mu * mu, xp.zeros_like(mu))
     # relative to the image's own scale; the absolute term only guards a constant image (then image == mu)
     return (image - mu) / xp.sqrt(var + floor * floor * glob + 1e-20)

@@ -228,6 +228,19 @@ def _host_to(xp, a, like):
     return xp.asarray(a, device=array_device(like))
 
 
+def _linear_along(xp, x, axis: int, pos: np.ndarray):
+    """``x`` sampled linearly along ``axis`` at the host positions ``pos`` (in ``[0, n - 1]``): two
+    ``take``s and a blend. Indices and weights are small: made on the host, moved to ``x``'s device."""
+    n_in = x.shape[axis]
+    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (pos - lo).reshape([len(pos) if a == axis else 1 for a in range(x.ndim)])
+    w = _host_to(xp, frac.astype(np.float32 if x.dtype == xp.float32 else np.float64), x)
+    a = xp.take(x, _host_to(xp, lo, x), axis=axis)
+    b = xp.take(x, _host_to(xp, hi, x), axis=axis)
+    return a + w * (b - a)
+
+
 def block_mean(image, k: int, ndim: int):
     """Means of ``image`` ``(*batch, *spatial)`` over blocks of ``k`` voxels per spatial axis.
 
@@ -259,15 +272,8 @@ def block_upsample(coarse, shape, k: int, ndim: int):
     out = coarse
     for d, n in enumerate(shape):
         axis = coarse.ndim - ndim + d
-        nc = out.shape[axis]
-        pos = np.clip((np.arange(n, dtype=np.float64) + 0.5) / k - 0.5, 0.0, nc - 1)
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, nc - 1)
-        frac = (pos - lo).reshape([n if a == axis else 1 for a in range(out.ndim)])
-        w = _host_to(xp, frac.astype(np.float32 if out.dtype == xp.float32 else np.float64), out)
-        lo_v = xp.take(out, _host_to(xp, lo, out), axis=axis)
-        hi_v = xp.take(out, _host_to(xp, hi, out), axis=axis)
-        out = lo_v + w * (hi_v - lo_v)
+        pos = np.clip((np.arange(n, dtype=np.float64) + 0.5) / k - 0.5, 0.0, out.shape[axis] - 1)
+        out = _linear_along(xp, out, axis, pos)
     return out
 
 
@@ -297,16 +303,8 @@ def resize(image, shape, ndim: int):
         n_in = out.shape[axis]
         if n_in == n_out:
             continue
-        # indices and weights are small: made on the host, then moved to the array's device
         pos = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / max(n_out - 1, 1))
-        lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
-        hi = np.minimum(lo + 1, n_in - 1)
-        frac = (pos - lo).reshape([n_out if a == axis else 1 for a in range(out.ndim)])
-        dev = array_device(out)
-        w = xp.asarray(frac.astype(np.float32 if out.dtype == xp.float32 else np.float64), device=dev)
-        a = xp.take(out, xp.asarray(lo, device=dev), axis=axis)
-        b = xp.take(out, xp.asarray(hi, device=dev), axis=axis)
-        out = a + w * (b - a)
+        out = _linear_along(xp, out, axis, pos)
     return out
 
 

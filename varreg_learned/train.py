@@ -567,11 +567,15 @@ def _initial_weights(path, model_cfg: VRNetConfig) -> dict:
     except (OSError, ValueError) as exc:
         raise TrainInputError(f"--from-checkpoint: {exc}") from None
     if start.config != model_cfg:
-        have, want = start.config.to_dict(), model_cfg.to_dict()
-        diff = ", ".join(f"{k} {have.get(k)!r} there, {want[k]!r} asked" for k in want if have.get(k) != want[k])
-        raise TrainInputError(f"--from-checkpoint {path}: holds another model config ({diff}); give the model "
-                              "options it was trained with")
+        raise TrainInputError(f"--from-checkpoint {path}: holds another model config "
+                              f"({_config_diff(start.config, model_cfg)}); give the model options it was trained with")
     return start.state_dict()
+
+
+def _config_diff(have: VRNetConfig, want: VRNetConfig) -> str:
+    """``"width 4 there, 6 asked, ..."``: the fields where a checkpoint's config differs from the one asked."""
+    h, w = have.to_dict(), want.to_dict()
+    return ", ".join(f"{k} {h.get(k)!r} there, {w[k]!r} asked" for k in w if h.get(k) != w[k])
 
 
 def _meta(tcfg, lcfg, ds, step, val, best_step):
@@ -674,10 +678,8 @@ def _train(tcfg: TrainConfig, model_cfg: VRNetConfig, loss_cfg: LossConfig, worl
         except (OSError, ValueError) as exc:
             raise TrainInputError(f"cannot resume: {exc}") from None
         if model_l.config != model_cfg:
-            have, want = model_l.config.to_dict(), model_cfg.to_dict()
-            diff = ", ".join(f"{k} {have.get(k)!r} there, {want[k]!r} asked" for k in want if have.get(k) != want[k])
-            raise TrainInputError(f"{last} holds a different model config ({diff}); resume with the model options "
-                                  "it was started with, or use another output folder")
+            raise TrainInputError(f"{last} holds a different model config ({_config_diff(model_l.config, model_cfg)}); "
+                                  "resume with the model options it was started with, or use another output folder")
         model.load_state_dict(model_l.state_dict())
         ts = payload.get("train_state", {})
         if "optimizer" in ts:
