@@ -265,8 +265,27 @@ def _standardise(image, ndim: int, scale: float):
     return centred * (scale / xp.maximum(std, xp.full_like(std, 1e-12)))
 
 
+class _Wrapper:
+    """What a data term wrapping ``self.term`` passes through: its name, weights, ``prepare`` and step."""
+
+    @property
+    def name(self):
+        return self.term.name
+
+    @property
+    def weights(self):
+        return getattr(self.term, "weights", None)
+
+    def prepare(self, fixed, moving, ndim: int):
+        prepare = getattr(self.term, "prepare", None)
+        return (fixed, moving) if prepare is None else prepare(fixed, moving, ndim)
+
+    def step(self, v, lin, theta):
+        return self.term.step(v, lin, theta)
+
+
 @dataclass(frozen=True)
-class Masked:
+class Masked(_Wrapper):
     """A data term that counts only inside masks; elsewhere the regulariser alone shapes the field.
 
     ``fixed_masks`` / ``moving_masks``: ``{level shape: mask}`` with masks
@@ -280,18 +299,6 @@ class Masked:
     term: Any
     fixed_masks: dict
     moving_masks: dict
-
-    @property
-    def name(self):
-        return self.term.name
-
-    @property
-    def weights(self):
-        return getattr(self.term, "weights", None)
-
-    def prepare(self, fixed, moving, ndim: int):
-        prepare = getattr(self.term, "prepare", None)
-        return (fixed, moving) if prepare is None else prepare(fixed, moving, ndim)
 
     def linearise(self, fixed, moving, u, ndim: int) -> Linearised:
         shape = tuple(fixed.shape[fixed.ndim - ndim:])
@@ -318,8 +325,36 @@ class Masked:
         gg = m * lin.gg + (1 - m)
         return Linearised(lin.warped, g, lin.rho0, gg)
 
-    def step(self, v, lin, theta):
-        return self.term.step(v, lin, theta)
+
+@dataclass(frozen=True)
+class InPlane(_Wrapper):
+    """A data term that moves the field within the planes normal to ``axis`` only.
+
+    The ``axis`` component of the image gradient is taken out of the linearisation
+    (``rho0`` re-expanded around the same ``u``, ``gg`` without its square), so the
+    u-step leaves that component to the regulariser; started from zero, it stays
+    zero. Meant for stacks of thick slices (``axis`` the slice axis), where the
+    gradient across 5-10 mm slices says little about through-slice motion and the
+    regulariser still couples neighbouring slices. The wrapped term must return a
+    :class:`Linearised` whose ``gg`` is ``|g|^2 + eps`` (every built-in term does).
+    """
+
+    term: Any
+    axis: int
+
+    @property
+    def linearise_takes_support(self):
+        return getattr(self.term, "linearise_takes_support", False)
+
+    def linearise(self, fixed, moving, u, ndim: int, **kw) -> Linearised:
+        lin = self.term.linearise(fixed, moving, u, ndim, **kw)
+        xp = namespace(lin.g)
+        caxis = lin.g.ndim - ndim - 1
+        pick = (slice(None),) * caxis + (self.axis,)
+        gz = lin.g[pick]
+        keep = xp.reshape(xp.asarray([0.0 if k == self.axis else 1.0 for k in range(ndim)], dtype=lin.g.dtype),
+                          (ndim,) + (1,) * ndim)
+        return Linearised(lin.warped, lin.g * keep, lin.rho0 + gz * u[pick], lin.gg - gz * gz)
 
 
 DATA_TERMS = {"l1": L1, "l2": L2, "ncc": NCC}
