@@ -84,6 +84,22 @@ def displacement_of(M: np.ndarray, shape) -> np.ndarray:
     return (y - x).astype(np.float32)
 
 
+def compose_affine(M: np.ndarray, a, v):
+    """The displacement of the affine ``M`` after the field ``v``: ``x -> M (x + v(x))``.
+
+    ``M``: ``(ndim + 1)`` square voxel matrix; ``a``: its displacement (:func:`displacement_of`);
+    ``v`` ``(ndim, *shape)`` voxels. ``moving(M (x + v(x)))`` is ``moving_a(x + v(x))`` for
+    ``moving_a = moving o M``, and since ``a`` is affine, ``a(x + v) = a(x) + (A - I) v``: the
+    result ``a + A v`` (``A`` the linear part) is exact. float32, on ``v``'s backend."""
+    from .backend import namespace
+
+    xp = namespace(v)
+    d = v.shape[0]
+    A = xp.asarray(np.asarray(M, np.float64)[:d, :d], dtype=v.dtype)
+    Av = xp.reshape(A @ xp.reshape(v, (d, -1)), v.shape)
+    return xp.astype(a + Av, xp.float32)
+
+
 def residual_displacement(u, M: np.ndarray) -> np.ndarray:
     """The deformable part ``r`` of a whole displacement ``u`` ``(ndim, *shape)`` (voxels) after the
     affine ``M`` (a voxel transform, ``(ndim + 1)`` square): ``x + u(x) = M (x + r(x))``, so

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 __all__ = ["SolverOptions", "OptionError", "Options", "option", "FIELDS", "weights_of", "at_level"]
@@ -88,6 +89,10 @@ class SolverOptions(Options):
     affine: object = _opt(False, "affine", "An affine stage first, on its own pyramid (varreg.affine): rigid, "
                                            "similarity or affine (True: affine); the deformable solver starts from "
                                            "it and the displacement is the whole transform.")
+    slice_axis: int | None = _opt(None, "int0", "3-D only: the slice axis of a stack of thick slices (NIfTI short-axis "
+                                                "stacks: 2). The deformable field then moves within the slices, "
+                                                "coupled across them by the regulariser; through-slice motion comes "
+                                                "from the affine stage alone. None: every axis moves.")
     normalise: bool = _opt(True, "flag", "Scale the pair jointly to [0, 1] first (the default weights assume it).")
     device: str = _opt("auto", "device", "auto: a GPU when CuPy can use one, else the CPU; cpu; gpu.")
 
@@ -143,6 +148,10 @@ class SolverOptions(Options):
         elif affine not in ("rigid", "similarity", "affine"):
             raise OptionError("affine", f"affine must be one of rigid, similarity, affine (or True/False), got "
                                         f"{affine!r}")
+        if self.slice_axis is not None and not (isinstance(self.slice_axis, numbers.Integral)
+                                                and not isinstance(self.slice_axis, bool) and 0 <= self.slice_axis <= 2):
+            raise OptionError("slice_axis", f"slice_axis must be 0, 1, 2 (an axis of a 3-D image) or None, got "
+                                            f"{self.slice_axis!r}")
         if not isinstance(self.normalise, bool):
             raise OptionError("normalise", f"normalise must be True or False, got {self.normalise!r}")
         if self.device not in DEVICES:

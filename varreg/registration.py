@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import backend
-from .affine import displacement_of, estimate_affine, voxel_matrix
-from .data_terms import Masked, make_data_term
+from .affine import compose_affine, displacement_of, estimate_affine, voxel_matrix
+from .data_terms import InPlane, Masked, make_data_term
 from .denoisers import make_denoiser
 from .engine import solve
 from .options import SolverOptions, at_level, weights_of
@@ -163,6 +164,11 @@ def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, movi
     dterm = make_data_term(opts.data_term)
     if opts.window is not None:
         dterm = dataclasses.replace(dterm, window=opts.window)
+    if opts.slice_axis is not None:
+        if ndim != 3:
+            raise ValueError(f"slice_axis={opts.slice_axis} needs a 3-D image; this one is {ndim}-D (a 2-D image, "
+                             "or one slice of a slice-by-slice registration, already moves in-plane only)")
+        dterm = InPlane(dterm, int(opts.slice_axis))
     window = getattr(dterm, "window", None)
     if window is not None and window > min(fixed.shape):
         raise ValueError(f"{dterm.name} window of {window:g} voxels is larger than the image (shape "
@@ -187,7 +193,7 @@ def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, movi
     else:
         f32, m32 = xp.astype(fixed_d, xp.float32), xp.astype(moving_d, xp.float32)
 
-    u0, affine_m, affine_info = None, None, None
+    u0, affine_m, affine_info, a = None, None, None, None
     if opts.affine:
         if initial is not None:
             raise ValueError("affine= and initial= exclude each other: the affine stage computes the start")
@@ -197,7 +203,13 @@ def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, movi
         affine_m = voxel_matrix(est)
         affine_info = dict(kind=opts.affine, matrix=affine_m.tolist(), levels=est.info["levels"],
                            time_s=time.perf_counter() - ta)
-        initial = displacement_of(affine_m, fixed.shape)
+        # the deformable solver then works on the moving image resampled by the affine, from zero: the
+        # regulariser sees the deformable part v alone, and u = a + A v is the whole transform
+        a = backend.to_device(displacement_of(affine_m, fixed.shape), dev)
+        m32 = _warp(m32, a)
+        if moving_mask is not None:  # the moving mask follows the moving image (nearest neighbour)
+            moving_mask = _warp(backend.to_device(check_mask("moving_mask", moving_mask, fixed.shape), dev), a,
+                                order=0)
     if initial is not None:
         u0 = backend.to_device(np.asarray(backend.to_numpy(initial), dtype=np.float32), dev)
         if tuple(u0.shape) != (ndim, *fixed.shape):
@@ -232,6 +244,8 @@ def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, movi
     # on the CPU, the kernels' threads follow the cores that other processes leave free (backend.fair_threads)
     with backend.fair_threads() if dev == "cpu" else contextlib.nullcontext() as threads:
         u = coarse_to_fine(f32, m32, solve_level, shapes=shapes, ndim=ndim, scale=opts.scale, u0=u0)
+    if a is not None:
+        u = compose_affine(affine_m, a, u)
     moving_f = moving_d if moving_d.dtype.kind == "f" else xp.astype(moving_d, xp.float32)
     warped = _warp(moving_f, u)
     den_iters = getattr(den, "n_iter", opts.denoiser_iterations)
@@ -293,15 +307,23 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
     fixed_mask, moving_mask : optional binary masks of the stacks' shape (see :func:`register`),
         passed slice by slice; a slice whose mask is empty has no data term and keeps a zero
         displacement.
+    options : as in :func:`register`. An ``affine`` option (a keyword, in ``options=``, or bound in a
+        ``functools.partial`` of ``method``) is one 3-D affine stage of the whole stack
+        (:func:`varreg.affine.estimate_affine`, with ``spacing``), not one per slice: the moving
+        stack is resampled by it, its slices are registered in 2-D, and the two compose exactly,
+        ``u(x) = a(x) + A v(x)`` for the affine ``x -> A x + t`` (``a`` its displacement) and the
+        slices' field ``v``. Patient motion between scans moves the whole stack, through the slices too.
 
     Returns
     -------
     RegistrationResult with ``displacement`` ``(3, *fixed.shape)`` float32 (voxels,
-    pull-back; zero along ``axis``), ``warped`` and ``info`` (``slices``: the per-slice
-    run information; ``time_s``: the total).
+    pull-back; zero along ``axis`` unless an affine stage ran), ``warped``, ``info``
+    (``slices``: the per-slice run information; ``affine``: the stage's; ``time_s``: the total)
+    and ``affine`` (the stage's ``(4, 4)`` voxel matrix, or None).
     """
     t0 = time.perf_counter()
     method = register if method is None else method
+    kind, stage_opts, method, options = _stack_affine(method, options)
     fixed, moving = _as_array("fixed", fixed), _as_array("moving", moving)
     for name, a in (("fixed", fixed), ("moving", moving)):
         if a.ndim != 3:
@@ -325,6 +347,20 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
         initial = initial[plane]  # the in-plane components; the through-slice one is ignored
     masks = {name: check_mask(name, m, fixed.shape) for name, m in (("fixed_mask", fixed_mask),
                                                                    ("moving_mask", moving_mask)) if m is not None}
+    moving_in, M, affine_info = moving, None, None
+    if kind:  # one affine of the whole stack, then the slices of the moving stack resampled by it
+        if initial is not None:
+            raise ValueError("affine= and initial= exclude each other: the affine stage computes the start")
+        ta = time.perf_counter()
+        f32, m32 = validate_pair(fixed, moving)
+        f32, m32 = normalise_pair(f32, m32)
+        est = estimate_affine(f32, m32, kind=kind, spacing=spacing, min_size=stage_opts.min_size)
+        M = voxel_matrix(est)
+        a = displacement_of(M, fixed.shape)
+        moving = np.asarray(_warp(moving if moving.dtype.kind == "f" else moving.astype(np.float32), a))
+        if "moving_mask" in masks:  # the moving mask follows the moving image (nearest neighbour)
+            masks["moving_mask"] = np.asarray(_warp(masks["moving_mask"], a, order=0))
+        affine_info = dict(kind=kind, matrix=M.tolist(), levels=est.info["levels"], time_s=time.perf_counter() - ta)
     n = fixed.shape[axis]
     per, infos = [], []
     for k in progress(range(n)) if progress is not None else range(n):
@@ -341,10 +377,31 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
         infos.append(res.info)
     u = np.zeros((3, *fixed.shape), np.float32)
     u[plane] = np.stack(per, axis=axis + 1)  # per[k]: (2, *slice shape), the in-plane components
+    if M is not None:  # moving(M(x + v) + t) = moving(x + a(x) + M[:3, :3] v(x)): one displacement, exactly
+        u = compose_affine(M, a, u)
+        moving = moving_in
     moving_f = moving if moving.dtype.kind == "f" else moving.astype(np.float32)
-    warped = _warp(moving_f, u)  # u is zero along the slice axis: each slice is warped within itself
-    info = dict(infos[0], slices=infos, slice_axis=axis, time_s=time.perf_counter() - t0)
-    return RegistrationResult(displacement=u, warped=warped, info=info)
+    warped = _warp(moving_f, u)  # without an affine, u is zero along the slice axis: slices stay within themselves
+    info = dict(infos[0], slices=infos, slice_axis=axis, affine=affine_info, time_s=time.perf_counter() - t0)
+    return RegistrationResult(displacement=u, warped=warped, info=info, affine=M)
+
+
+def _stack_affine(method, options: dict):
+    """Take the ``affine`` option off a slice-by-slice call: ``(kind or False, SolverOptions, method, options)``.
+
+    The option may come as a keyword (``affine="rigid"``), inside ``options=SolverOptions(...)``, or
+    bound in ``method`` as ``functools.partial(register, options=SolverOptions(...))`` (the CLI's
+    form). The stack then gets one 3-D affine stage and each slice none."""
+    options = dict(options)
+    base = options.get("options")
+    bound = method.keywords.get("options") if isinstance(method, functools.partial) else None
+    opts = next((o for o in (base, bound) if isinstance(o, SolverOptions)), SolverOptions())
+    kind = SolverOptions(affine=options.pop("affine")).affine if "affine" in options else opts.affine
+    if isinstance(base, SolverOptions) and base.affine:
+        options["options"] = base.replace(affine=False)
+    if isinstance(bound, SolverOptions) and bound.affine:
+        method = functools.partial(method.func, *method.args, **dict(method.keywords, options=bound.replace(affine=False)))
+    return kind, opts, method, options
 
 
 def registration_mode(fixed_img, slices: bool = False) -> str:
@@ -368,8 +425,9 @@ class ImageRegistration:
     (a zero component on an axis of length 1, and along the slice axis in
     ``"slices"`` mode); ``mode``: ``"3d"``, ``"2d"`` or ``"slices"``; ``solver_s``:
     seconds in the solver; ``info``: the run information of the (last) registration;
-    ``affine``: with an affine stage in ``"3d"`` / ``"2d"`` mode, its ``(4, 4)`` transform on the
-    fixed grid's voxel indices (identity on a length-1 axis; ``u`` includes it), else None.
+    ``affine``: with an affine stage, its ``(4, 4)`` transform on the fixed grid's voxel indices
+    (identity on a length-1 axis; ``u`` includes it), else None. In ``"slices"`` mode the stage is
+    one 3-D affine of the stack, so ``u`` then has a through-slice component.
     """
 
     u: np.ndarray
@@ -378,9 +436,18 @@ class ImageRegistration:
     info: dict
     affine: np.ndarray | None = None
 
+    def in_plane_field(self) -> np.ndarray:
+        """The field whose 2-D Jacobians count folds per slice in ``"slices"`` mode: ``u``, or with an
+        affine stage the slices' own field ``v`` (``det(I + grad u) = det(A) det(I + grad v)``, ``det(A) > 0``)."""
+        if self.mode == "slices" and self.affine is not None:
+            from .affine import residual_displacement
+
+            return residual_displacement(self.u, self.affine)
+        return self.u
+
     def warp(self, vol: np.ndarray, order: int) -> np.ndarray:
         """Warp a volume ``(X, Y, Z)`` on the fixed grid as the registration did (2-D per slice, 2-D or 3-D)."""
-        if self.mode == "3d":
+        if self.mode == "3d" or (self.mode == "slices" and self.affine is not None):
             return np.asarray(_warp_checked(vol, self.u, order))
         if self.mode == "2d":
             c = [i for i, n in enumerate(vol.shape) if n == 1][0]
@@ -413,7 +480,8 @@ def register_images(fixed_img, moving, *, slices: bool = False, isotropic: bool 
     fixed_img : :class:`varreg.io.Image`.
     moving : an :class:`varreg.io.Image` on the same grid, or an array of ``fixed_img.shape``
         (an image already resampled onto the fixed grid).
-    slices : register a 3-D stack slice by slice.
+    slices : register a 3-D stack slice by slice (with an ``affine`` option: one 3-D affine of the
+        stack first, see :func:`register_slices`).
     isotropic : ignore the voxel sizes (treat voxels as cubes).
     initial : optional initial displacement ``(3, X, Y, Z)`` in voxels of the fixed grid.
     method : as in :func:`register_slices` (default :func:`register`); ``options`` go to it.
@@ -446,7 +514,9 @@ def register_images(fixed_img, moving, *, slices: bool = False, isotropic: bool 
         res = register_slices(fixed_img.data, moving, axis=2, spacing=sp, initial=initial, progress=progress,
                               method=method, **masks, **options)
         u[:] = res.displacement
-        return ImageRegistration(u, mode, sum(i["time_s"] for i in res.info["slices"]), res.info["slices"][-1])
+        affine_s = (res.info.get("affine") or {}).get("time_s", 0.0)
+        info = dict(res.info["slices"][-1], affine=res.info.get("affine"))
+        return ImageRegistration(u, mode, affine_s + sum(i["time_s"] for i in res.info["slices"]), info, res.affine)
     if mode == "3d":
         res = method(fixed_img.data, moving, spacing=sp, initial=initial, **masks, **options)
         u[:] = np.asarray(backend.to_numpy(res.displacement), np.float32)
