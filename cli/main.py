@@ -133,8 +133,9 @@ def register(fixed, moving, outdir, moving_labels, fixed_labels, qc, resample, s
       warped_labels.nii.gz  with --moving-labels
       metrics.json          with --fixed-labels and --moving-labels
       warped.<ext>          for PNG/TIFF inputs, in the input's format
-      affine.tfm            with --affine (not --slices): the affine stage as an ITK transform
-                            file (LPS mm; SimpleITK ReadTransform, antsApplyTransforms -t)
+      affine.tfm            with --affine: the affine stage as an ITK transform file
+                            (LPS mm; SimpleITK ReadTransform, antsApplyTransforms -t); with
+                            --slices, one 3-D affine of the stack before the 2-D slices
       residual.nii.gz       with --affine: the field after it; the ITK composite
                             [affine.tfm, residual.nii.gz] equals displacement.nii.gz
 

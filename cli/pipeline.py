@@ -188,7 +188,7 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
         masks = load_masks(fixed, moving, {"fixed_mask": fixed_mask, "moving_mask": moving_mask}, resample=resample,
                            frames={"fixed_mask": ff, "moving_mask": mf})
         p_affine = None
-        if solver.get("affine") and registration_mode(fixed, slices) != "slices":
+        if solver.get("affine"):
             p_affine = [outs.plan(os.path.join(outdir, n)) for n in AFFINE_OUTPUTS]
         u_init = None
         if initial:
@@ -211,11 +211,11 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
             raise InputError("--device gpu", str(exc)) from None
 
         ratio = fixed.spacing[2] / min(fixed.spacing[:2])
-        if solved.mode == "3d" and ratio >= 3 and not quiet:
+        if solved.mode == "3d" and ratio >= 3 and not quiet and solver.get("slice_axis") is None:
             import click
 
             click.echo(f"note: the slices are {ratio:.1f}x thicker than the pixels; such stacks usually register "
-                       "better slice by slice (--slices)", err=True)
+                       "better slice by slice (--slices) or within the slices (--slice-axis 2)", err=True)
 
         # 4. outputs in memory, then staged
         warped = warp_onto_fixed(solved, fixed, moving, moving.data, 1, same).astype(np.float32, copy=False)
@@ -239,7 +239,7 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
         metrics = {}
         if flab is not None:
             before = warp_onto_fixed(None, fixed, mlab, mlab.data, 0, same and vio.same_grid(mlab, fixed))
-            metrics = evaluate_labels(flab.data, wl, solved.u, spacing=fixed.spacing, mode=solved.mode,
+            metrics = evaluate_labels(flab.data, wl, solved.in_plane_field(), spacing=fixed.spacing, mode=solved.mode,
                                       moving_labels=before, label_names=label_names)
         if truth is not None:
             from varreg import metrics as M

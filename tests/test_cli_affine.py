@@ -99,11 +99,27 @@ def test_one_axial_slice_writes_2d_transforms_that_compose(tmp_path):
     np.testing.assert_allclose(itk[mask], read(out / "warped.nii.gz")[mask], atol=2e-4)
 
 
-def test_slices_mode_writes_no_affine_file(tmp_path):
-    vol = synthetic.smooth_random_image((40, 36, 3), sigma=2.5, rng=5).astype(np.float32)
-    f, m = save(tmp_path / "f.nii.gz", vol, AXIAL), save(tmp_path / "m.nii.gz", np.roll(vol, 2, axis=0), AXIAL)
-    run("register", f, m, "-o", tmp_path / "o", "--slices", "--affine", "rigid", *FAST)
-    assert sorted(os.listdir(tmp_path / "o")) == ["displacement.nii.gz", "warped.nii.gz"]
+def test_slices_mode_has_one_3d_affine_whose_files_compose_in_simpleitk(tmp_path):
+    """--slices --affine: one 3-D affine of the stack (a tilt through the slices included), then 2-D
+    slices; the residual is the slices' in-plane field and [affine.tfm, residual] is the whole transform."""
+    sitk = pytest.importorskip("SimpleITK")
+    shape = (48, 44, 8)
+    vol = synthetic.smooth_random_image(shape, sigma=(2.5, 2.5, 1.2), rng=5).astype(np.float32)
+    th = np.deg2rad(5)
+    A = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1.0]])
+    moving, M = moved(vol, A, (2.0, -1.5, 0.4), (1.5, 1.2, 6.0))
+    f, m = save(tmp_path / "f.nii.gz", vol, AXIAL), save(tmp_path / "m.nii.gz", moving.astype(np.float32), AXIAL)
+    out = tmp_path / "o"
+    run("register", f, m, "-o", out, "--slices", "--affine", "affine", *FAST)
+    assert sorted(os.listdir(out)) == ["affine.tfm", "displacement.nii.gz", "residual.nii.gz", "warped.nii.gz"]
+    assert "AffineTransform_double_3_3" in (out / "affine.tfm").read_text()
+    u = varreg.io.load_displacement(out / "displacement.nii.gz")[0]
+    r = varreg.io.load_displacement(out / "residual.nii.gz")[0]
+    mask = interior(u, shape)
+    assert np.abs(r[2]).max() < 1e-4  # the slices move in-plane; the affine carries the shift through them
+    assert abs(float(np.median(u[2][mask])) - float(M[2, 3] + (M[2, :3] - np.eye(3)[2]) @ (np.array(shape) - 1) / 2)) < 0.15
+    itk = composite_resample(sitk, out, f, m)
+    np.testing.assert_allclose(itk[mask], read(out / "warped.nii.gz")[mask], atol=2e-4)
 
 
 # --------------------------------------------------------------------------- masks
@@ -166,3 +182,17 @@ def test_masks_with_the_network_are_refused(masked_pair):
     res = run("register", p["f"], p["m"], "-o", p["dir"] / "o", "--fixed-mask", p["fm"], "--denoiser", "unet",
               "--ckpt", CKPT, ok=False)
     _one_error(res, "--fixed-mask", "classical solver")
+
+
+def test_slice_axis_keeps_the_residual_in_plane_and_refuses_slices(tmp_path):
+    shape = (48, 44, 8)
+    vol = synthetic.smooth_random_image(shape, sigma=(2.5, 2.5, 1.2), rng=7).astype(np.float32)
+    moving, _ = moved(vol, np.eye(3), (1.5, -1.0, 1.8), (1.5, 1.2, 6.0))
+    f, m = save(tmp_path / "f.nii.gz", vol, AXIAL), save(tmp_path / "m.nii.gz", moving.astype(np.float32), AXIAL)
+    run("register", f, m, "-o", tmp_path / "o", "--affine", "rigid", "--slice-axis", "2", *FAST)
+    r = varreg.io.load_displacement(tmp_path / "o" / "residual.nii.gz")[0]
+    u = varreg.io.load_displacement(tmp_path / "o" / "displacement.nii.gz")[0]
+    assert np.abs(r[2]).max() < 1e-4 and abs(float(np.median(u[2])) - 0.3) < 0.1  # 1.8 mm = 0.3 slice, the affine's
+    res = run("register", f, m, "-o", tmp_path / "o2", "--slices", "--slice-axis", "2", *FAST, ok=False)
+    assert res.exit_code == 2 and "slice_axis=2 needs a 3-D image" in res.stderr
+    assert not os.path.exists(tmp_path / "o2") or not os.listdir(tmp_path / "o2")
