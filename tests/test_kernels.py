@@ -257,3 +257,21 @@ def test_parallel_equals_serial(shape):
         numba.set_num_threads(1)
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(64, 58), (21, 26, 19)])
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_ncc_kernels_match_the_array_api_linearisation(shape, degree, monkeypatch):
+    """NumPy float32 takes the numba kernels (block statistics, combination); the array-API code is
+    their reference, to float32 rounding."""
+    rng = np.random.default_rng(8)
+    W = ndimage.gaussian_filter(rng.random(shape), 2.0).astype(np.float32)
+    W = (W - W.min()) / np.ptp(W)
+    F = (W ** 0.7 + 0.05 * rng.random(shape)).astype(np.float32)
+    uw = rng.normal(0, 1.5, (len(shape), *shape)).astype(np.float32)
+    term = data_terms.NCC(window=15, degree=degree)
+    fused = term.linearise(F, W, uw, len(shape))
+    monkeypatch.setattr(data_terms, "takes_kernel", lambda *a: False)
+    ref = term.linearise(F, W, uw, len(shape))
+    for x, y in zip(fused, ref):
+        np.testing.assert_allclose(x, y, atol=5e-5)

@@ -27,17 +27,18 @@ A new data term is a class here with ``name``, ``weights``, ``linearise`` and
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import host_float, is_numpy, namespace, spatial_ndim, takes_kernel
+from .backend import host_float, is_numpy, namespace, spatial_ndim, takes_kernel, to_numpy
 from .differences import central_gradient
 from .engine import Weights
 from .resample import gaussian_smooth, warp
 
-__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "L1", "L2", "NCC", "Masked",
+__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "intensity_map_coefficients", "global_intensity_map", "L1", "L2", "NCC", "Masked",
            "DATA_TERMS", "make_data_term"]
 
 
@@ -171,38 +172,109 @@ def local_affine_fit(fixed, warped, ndim: int, window: float, ridge: float, supp
     from .resample import block_mean, block_upsample
 
     xp = namespace(fixed, warped)
-    sigma = float(window) / 12.0**0.5
-    k = max(1, int(sigma // 2))
+    sigma, k = _fit_scale(window)
     spatial = tuple(fixed.shape[fixed.ndim - ndim:])
     parts = [fixed, warped, fixed * warped, warped * warped]
     if support is not None:
         s = xp.astype(support, fixed.dtype)
         parts = [p * s for p in parts] + [xp.broadcast_to(s, fixed.shape)]
-    stats = gaussian_smooth(block_mean(xp.stack(parts), k, ndim), sigma / k, ndim)
-    if support is not None:
+    ab = block_upsample(_coarse_fit(block_mean(xp.stack(parts), k, ndim), sigma / k, ndim, ridge), spatial, k, ndim)
+    return ab[0, ...], ab[1, ...]
+
+
+def _fit_scale(window: float):
+    """The local fit's Gaussian standard deviation (voxels) and its block size."""
+    sigma = float(window) / 12.0**0.5
+    return sigma, max(1, int(sigma // 2))
+
+
+def _coarse_fit(blocks, sigma: float, ndim: int, ridge: float):
+    """``(a, b)`` ``(2, *coarse)`` from the block means ``(4 or 5, *coarse)`` of ``F, W, F W, W W`` (and
+    the support): Gaussian-smoothed with ``sigma`` blocks, then the least-squares slope, ``a >= 0``."""
+    xp = namespace(blocks)
+    stats = gaussian_smooth(blocks, sigma, ndim)
+    if stats.shape[0] == 5:
         w = xp.maximum(stats[4, ...], xp.full_like(stats[4, ...], 1e-6))
         stats = stats[:4, ...] / w
     mf, mw, fw, ww = (stats[i, ...] for i in range(4))
     zero = xp.zeros_like(mf)
     a = xp.maximum(fw - mf * mw, zero) / (xp.maximum(ww - mw * mw, zero) + ridge)
-    b = mf - a * mw
-    ab = block_upsample(xp.stack([a, b]), spatial, k, ndim)
-    return ab[0, ...], ab[1, ...]
+    return xp.stack([a, mf - a * mw])
+
+
+#: voxels at least in the regular subsample that :func:`global_intensity_map` fits on
+_MAP_SAMPLES = 8192
+
+
+def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=None) -> np.ndarray:
+    """The least-squares polynomial ``p`` of degree ``degree`` with ``fixed ~ p(warped)``.
+
+    ``fixed``, ``warped``: ``(*batch, *spatial)``; returns ``p``'s coefficients, lowest first,
+    ``(*batch, degree + 1)`` float64 on the host. The polynomial is the regression of the fixed intensities on the warped ones over the
+    whole image (inside ``support``, ``(*spatial)`` of 0/1, where given), one per batch item: the
+    conditional-mean intensity map of the correlation ratio (Roche, Malandain, Pennec and Ayache,
+    "The correlation ratio as a new similarity measure for multimodal image registration", MICCAI
+    1998), restricted to polynomials as in Guimond, Roche, Ayache and Meunier, "Three-dimensional
+    multimodal brain warping using the demons algorithm and adaptive intensity corrections", IEEE
+    TMI 2001. The normal equations (moments up to ``2 degree`` on a regular subsample of at least
+    ``_MAP_SAMPLES`` voxels, summed on the array's backend) are solved on the host in float64 with a
+    small ridge; an image of zeros (a constant one after
+    :class:`NCC`'s standardisation) gives ``p`` constant and ``p' = 0``.
+    """
+    xp = namespace(fixed, warped)
+    axes = tuple(range(warped.ndim - ndim, warped.ndim))
+    spatial = warped.shape[warped.ndim - ndim:]
+    stride = max(1, int((math.prod(spatial) / _MAP_SAMPLES) ** (1.0 / ndim)))
+    grid = (...,) + (slice(None, None, stride),) * ndim
+    w, f = warped[grid], fixed[grid]
+    s = None if support is None else xp.astype(support[grid], warped.dtype)
+    powers = [w if s is None else w * s]  # weighted powers w^k s, k = 1 .. 2 degree
+    for _ in range(2 * degree - 1):
+        powers.append(powers[-1] * w)
+    count = [math.prod(w.shape[w.ndim - ndim:]) * np.ones(w.shape[:w.ndim - ndim]) if s is None
+             else np.broadcast_to(to_numpy(xp.sum(s)), w.shape[:w.ndim - ndim])]
+    moments = np.stack(count + [to_numpy(xp.sum(q, axis=axes)) for q in powers], -1).astype(np.float64)
+    cross = np.stack([to_numpy(xp.sum(f if s is None else f * s, axis=axes))]
+                     + [to_numpy(xp.sum(f * q, axis=axes)) for q in powers[:degree]], -1).astype(np.float64)
+    idx = np.add.outer(np.arange(degree + 1), np.arange(degree + 1))
+    gram = moments[..., idx]
+    diag = np.einsum("...ii->...i", gram)
+    gram = gram + np.eye(degree + 1) * (1e-6 * diag.max(axis=-1, keepdims=True)[..., None] + 1e-30)
+    return np.linalg.solve(gram, cross[..., None])[..., 0]
+
+
+def global_intensity_map(fixed, warped, ndim: int, degree: int, support=None):
+    """``p(warped)`` and ``p'(warped)`` (both ``(*batch, *spatial)``) for the polynomial ``p`` of
+    :func:`intensity_map_coefficients`."""
+    xp = namespace(fixed, warped)
+    coef = intensity_map_coefficients(fixed, warped, ndim, degree, support)
+    lead = (1,) * ndim
+    c = [xp.asarray(np.reshape(coef[..., k], coef.shape[:-1] + lead), dtype=warped.dtype)
+         for k in range(degree + 1)]
+    mapped, slope = c[degree] * warped + c[degree - 1], c[degree]
+    for k in range(degree - 1, 0, -1):  # Horner for p and p'
+        slope = slope * warped + mapped
+        mapped = mapped * warped + c[k - 1]
+    return mapped, slope + xp.zeros_like(warped) if degree == 1 else slope
 
 
 @dataclass(frozen=True)
 class NCC:
-    """Local normalised cross-correlation as L1 after a local affine intensity fit, refitted every warp.
+    """Local normalised cross-correlation as L1 after an intensity fit, refitted every warp.
 
     Local correlation is invariant to a gain and an offset in every window; its
     residual is that of the best local affine map between the images (Roche et
     al. 2000). So at every warp the warped moving image ``W`` is mapped onto the
-    fixed one by the local least-squares fit ``a W + b`` (:func:`local_affine_fit`,
-    the guided filter's model, with a window of ``window`` voxels), and the
-    robust L1 term compares ``a W + b`` with the fixed image. The fit is frozen
-    within the warp, so the linearisation is L1's with the gradient ``a grad W``
-    and the u-step stays point-wise and closed form (paper eq. 5), on any
-    backend. A positive affine change of either image's intensities leaves the
+    fixed one, first by a global polynomial ``p`` of degree ``degree``
+    (:func:`global_intensity_map`: a gamma or another smooth global change, which
+    a local affine map only approximates), then by the local least-squares fit
+    ``a p(W) + b`` (:func:`local_affine_fit`, the guided filter's model, with a
+    window of ``window`` voxels: bias fields, coil shading), and the robust L1 term
+    compares ``a p(W) + b`` with the fixed image. The maps are frozen within the
+    warp, so the linearisation is L1's with the gradient ``a p'(W) grad W`` and the
+    u-step stays point-wise and closed form (paper eq. 5), on any backend (on
+    NumPy the fit and the linearisation run as two fused numba passes,
+    :func:`varreg.kernels.ncc_block_stats` and :func:`varreg.kernels.ncc_combine`). A positive affine change of either image's intensities leaves the
     displacement unchanged: :meth:`prepare` standardises each image globally (to
     a standard deviation of 0.25, that of a typical [0, 1] image, so that L1's
     weights carry over), and the local fit absorbs the moving image's gain and
@@ -210,7 +282,7 @@ class NCC:
     moving image is flat the fit has no slope (a = 0) and the data term is
     absent, as local correlation is undefined there.
 
-    The defaults (window, weights) were chosen on ACDC train slices with and
+    The defaults (window, degree, weights) were chosen on ACDC train slices with and
     without a contrast change (``benchmarks/contrast_change.py --grid``; figures
     in docs/bench.md).
 
@@ -218,11 +290,15 @@ class NCC:
     ----------
     window : the local window, voxels of each pyramid level (a Gaussian with the variance of a box
         this wide); ``None``: :attr:`default_window`, or a level's shortest axis where that is shorter.
+    degree : the degree of the global polynomial intensity map before the local fit
+        (:func:`global_intensity_map`): 2 absorbs a global nonlinear change such as a gamma, which a
+        local affine fit only approximates; 1: the local affine fit alone.
     floor : the fit's ridge, as a fraction of the images' standard deviation (flat regions give a -> 0).
     eps : as :class:`L1`, keeps flat regions finite in the step.
     """
 
     window: float | None = None
+    degree: int = 2
     floor: float = 0.1
     eps: float = 1e-6
     name = "ncc"
@@ -234,6 +310,8 @@ class NCC:
     def __post_init__(self):
         if self.window is not None and not (isinstance(self.window, (int, float)) and self.window >= 2):
             raise ValueError(f"ncc window must be a number of voxels >= 2, got {self.window!r}")
+        if not (isinstance(self.degree, int) and not isinstance(self.degree, bool) and 1 <= self.degree <= 4):
+            raise ValueError(f"ncc degree must be an integer 1..4, got {self.degree!r}")
         if not (isinstance(self.floor, (int, float)) and self.floor >= 0):
             raise ValueError(f"ncc floor must be >= 0, got {self.floor!r}")
 
@@ -243,16 +321,34 @@ class NCC:
         return _standardise(fixed, ndim, self.scale), _standardise(moving, ndim, self.scale)
 
     def linearise(self, fixed, moving, u, ndim: int, support=None) -> Linearised:
-        """L1's linearisation of ``a W + b - fixed`` around ``u`` (``a``, ``b`` frozen; ``W`` = warped)."""
+        """L1's linearisation of ``a p(W) + b - fixed`` around ``u`` (``p``, ``a``, ``b`` frozen; ``W`` =
+        warped; ``p`` the identity for ``degree`` 1)."""
         warped, g, rho0, gg = linearise(fixed, moving, u, ndim, self.eps)
         shortest = min(fixed.shape[fixed.ndim - ndim:])
         window = min(self.default_window if self.window is None else self.window, shortest)
-        a, b = local_affine_fit(fixed, warped, ndim, window, (self.floor * self.scale) ** 2, support)
-        xp = namespace(a)
-        caxis = g.ndim - ndim - 1
-        # rho0 = W - F - g.u, so a W + b - F - (a g).u = a (rho0 + F) + b - F
-        return Linearised(a * warped + b, g * xp.expand_dims(a, axis=caxis), a * (rho0 + fixed) + b - fixed,
-                          a * a * (gg - self.eps) + self.eps)
+        ridge = (self.floor * self.scale) ** 2
+        if takes_kernel(g, ndim) and support is None and warped.dtype == np.float32:
+            # fused: the block statistics of p(W), and the combination below, each one numba pass
+            from . import kernels
+
+            fixed = np.ascontiguousarray(fixed)
+            coef = (np.array([0.0, 1.0]) if self.degree == 1
+                    else intensity_map_coefficients(fixed, warped, ndim, self.degree))
+            sigma, k = _fit_scale(window)
+            ab = _coarse_fit(kernels.ncc_block_stats(fixed, warped, coef, k), sigma / k, ndim, ridge)
+            fitted = kernels.ncc_combine(ab, k, fixed, warped, coef, g, rho0, gg, self.eps)
+            return Linearised(fitted, g, rho0, gg)
+        xp = namespace(warped)
+        if self.degree == 1:
+            mapped, slope = warped, xp.ones_like(warped)
+        else:
+            mapped, slope = global_intensity_map(fixed, warped, ndim, self.degree, support)
+        a, b = local_affine_fit(fixed, mapped, ndim, window, ridge, support)
+        gain = a * slope
+        fitted = a * mapped + b
+        # residual a p(W) + b - F, linearised: its gradient is a p'(W) g, and g.u = W - F - rho0
+        return Linearised(fitted, g * xp.expand_dims(gain, axis=g.ndim - ndim - 1),
+                          fitted - fixed - gain * (warped - fixed - rho0), gain * gain * (gg - self.eps) + self.eps)
 
     step = L1.step
 

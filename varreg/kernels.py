@@ -13,6 +13,8 @@ kernel             the operation it speeds up (and the only caller)
 :func:`tv_dual`         :class:`varreg.denoisers.TV` / ``Huber`` (:func:`~varreg.denoisers.tv_dual_steps`)
 :func:`tgv_steps`       :class:`varreg.denoisers.TGV` (:func:`~varreg.denoisers.tgv_steps`)
 :func:`quadratic_cg`    :class:`varreg.denoisers.Quadratic` (its array-API CG)
+:func:`ncc_block_stats` :class:`varreg.data_terms.NCC`: ``block_mean`` of the local fit's products
+:func:`ncc_combine`     :class:`varreg.data_terms.NCC`: ``block_upsample`` and the linearisation
 =================  ==============================================================
 
 This module imports nothing of varreg: the operations call it, never the reverse.
@@ -40,6 +42,8 @@ __all__ = [
     "tv_dual",
     "tgv_steps",
     "quadratic_cg",
+    "ncc_block_stats",
+    "ncc_combine",
     "warm_up",
 ]
 
@@ -726,6 +730,116 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
     return x
 
 
+# --------------------------------------------------------- NCC: local affine fit after a global map
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _horner(coef, x):
+    """``p(x)`` and ``p'(x)`` for the polynomial of coefficients ``coef`` (lowest first)."""
+    n = coef.shape[0]
+    p = coef[n - 1]
+    dp = 0.0
+    for k in range(n - 2, -1, -1):
+        dp = dp * x + p
+        p = p * x + coef[k]
+    return p, dp
+
+
+@njit(**_opts)
+def _ncc_block_stats(fixed, warped, coef, kz, ky, kx, out):
+    nz, ny, nx = fixed.shape
+    ncz, ncy, ncx = out.shape[1], out.shape[2], out.shape[3]
+    inv = 1.0 / (kz * ky * kx)
+    for b in prange(ncz * ncy):
+        cz = b // ncy
+        cy = b - cz * ncy
+        acc = np.zeros((4, ncx))
+        for tz in range(kz):
+            z = min(cz * kz + tz, nz - 1)
+            for ty in range(ky):
+                y = min(cy * ky + ty, ny - 1)
+                for cx in range(ncx):
+                    for tx in range(kx):
+                        x = min(cx * kx + tx, nx - 1)
+                        f = fixed[z, y, x]
+                        m, _ = _horner(coef, warped[z, y, x])
+                        acc[0, cx] += f
+                        acc[1, cx] += m
+                        acc[2, cx] += f * m
+                        acc[3, cx] += m * m
+        for c in range(4):
+            for cx in range(ncx):
+                out[c, cz, cy, cx] = acc[c, cx] * inv
+
+
+def ncc_block_stats(fixed: np.ndarray, warped: np.ndarray, coef: np.ndarray, k) -> np.ndarray:
+    """Block means of ``F``, ``P``, ``F P`` and ``P P`` with ``P = p(warped)`` (``coef``: ``p``'s
+    coefficients, lowest first): ``(4, *coarse)`` float32 over blocks of ``k`` voxels per axis, the
+    last one completed by the border voxel; :func:`varreg.resample.block_mean` of the four products,
+    in one pass. ``fixed``, ``warped``: ``(*spatial)`` float32, 2-D or 3-D."""
+    k = (1,) * (3 - fixed.ndim) + (int(k),) * fixed.ndim
+    f3 = fixed.reshape((1,) * (3 - fixed.ndim) + fixed.shape)
+    w3 = warped.reshape(f3.shape)
+    coarse = tuple(-(-n // kk) for n, kk in zip(f3.shape, k))
+    out = np.empty((4, *coarse), np.float32)
+    _run(_ncc_block_stats, fixed.size, f3, w3, np.asarray(coef, np.float32), *k, out)
+    return out.reshape((4, *coarse[3 - fixed.ndim:]))
+
+
+@njit(**_opts)
+def _ncc_combine(ab, lz, hz, fz, ly, hy, fy, lx, hx, fx, fixed, warped, coef, g, rho0, gg, eps, fitted):
+    nz, ny, nx = fixed.shape
+    nd = g.shape[0]
+    ncx = ab.shape[3]
+    for b in prange(nz * ny):
+        z = b // ny
+        y = b - z * ny
+        z0, z1, wz = lz[z], hz[z], fz[z]
+        y0, y1, wy = ly[y], hy[y], fy[y]
+        row = np.empty((2, ncx), np.float32)  # the coarse row blended along z, then y (separable)
+        for c in range(2):
+            for cx in range(ncx):
+                v0 = ab[c, z0, y0, cx] + wy * (ab[c, z0, y1, cx] - ab[c, z0, y0, cx])
+                v1 = ab[c, z1, y0, cx] + wy * (ab[c, z1, y1, cx] - ab[c, z1, y0, cx])
+                row[c, cx] = v0 + wz * (v1 - v0)
+        for x in range(nx):
+            x0, x1, wx = lx[x], hx[x], fx[x]
+            a = row[0, x0] + wx * (row[0, x1] - row[0, x0])
+            w = warped[z, y, x]
+            f = fixed[z, y, x]
+            m, dm = _horner(coef, w)
+            gain = a * dm
+            fit = a * m + row[1, x0] + wx * (row[1, x1] - row[1, x0])
+            fitted[z, y, x] = fit
+            rho0[z, y, x] = fit - f - gain * (w - f - rho0[z, y, x])
+            gg[z, y, x] = gain * gain * (gg[z, y, x] - eps) + eps
+            for c in range(nd):
+                g[c, z, y, x] = g[c, z, y, x] * gain
+
+
+def _upsample_index(n: int, nc: int, k: int):
+    pos = np.clip((np.arange(n, dtype=np.float64) + 0.5) / k - 0.5, 0.0, nc - 1)
+    lo = np.minimum(np.floor(pos).astype(np.int64), nc - 1)
+    return lo, np.minimum(lo + 1, nc - 1), (pos - lo).astype(np.float32)
+
+
+def ncc_combine(ab: np.ndarray, k, fixed, warped, coef, g, rho0, gg, eps: float) -> np.ndarray:
+    """NCC's linearisation from the coarse local fit ``ab`` ``(2, *coarse)`` (``a``, ``b`` on
+    :func:`ncc_block_stats`'s grid), upsampled linearly as :func:`varreg.resample.block_upsample`:
+    ``fitted = a p(W) + b`` (returned), and **in place** ``g *= a p'(W)``, ``rho0 = fitted - F -
+    a p'(W) (W - F - rho0)``, ``gg = (a p'(W))^2 (gg - eps) + eps``. ``fixed``, ``warped``, ``rho0``,
+    ``gg``: ``(*spatial)``; ``g``: ``(ndim, *spatial)``; float32."""
+    nd = fixed.ndim
+    lead = (1,) * (3 - nd)
+    shape3 = lead + fixed.shape
+    ab3 = np.ascontiguousarray(ab.reshape((2,) + lead + ab.shape[1:]), dtype=np.float32)
+    ks = lead + (int(k),) * nd
+    idx = [t for n, nc, kk in zip(shape3, ab3.shape[1:], ks) for t in _upsample_index(n, nc, kk)]
+    fitted = np.empty(shape3, np.float32)
+    _run(_ncc_combine, fixed.size, ab3, *idx, fixed.reshape(shape3), warped.reshape(shape3),
+         np.asarray(coef, np.float32), g.reshape((nd,) + shape3), rho0.reshape(shape3), gg.reshape(shape3),
+         np.float32(eps), fitted)
+    return fitted.reshape(fixed.shape)
+
+
 def warm_up() -> float:
     """Compile (or load from the cache) every kernel for float32 2D and 3D; returns seconds."""
     import time
@@ -743,5 +857,7 @@ def warm_up() -> float:
         tgv_steps(u, dict(v=u.copy(), vb=u.copy(), w=z(d), wb=z(d), p=z(d), q=z(d * (d + 1) // 2)),
                   0.3, 2.0, 0.2, 0.2, 1, (1.0,) * d)
         quadratic_cg(u + a, u.copy(), 0.3, 1, (1.0,) * d, 1e-6)
+        ab = ncc_block_stats(a, a, np.array([0.0, 1.0]), 2)[:2]
+        ncc_combine(ab, 2, a, w, np.array([0.0, 1.0]), g, rho0, gg, 1e-6)
     return time.perf_counter() - t0
 
