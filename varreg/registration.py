@@ -197,12 +197,8 @@ def register(fixed, moving, *, spacing=None, initial=None, fixed_mask=None, movi
     if opts.affine:
         if initial is not None:
             raise ValueError("affine= and initial= exclude each other: the affine stage computes the start")
-        ta = time.perf_counter()
-        est = estimate_affine(backend.to_numpy(f32), backend.to_numpy(m32), kind=opts.affine, spacing=spacing,
-                              min_size=opts.min_size)
-        affine_m = voxel_matrix(est)
-        affine_info = dict(kind=opts.affine, matrix=affine_m.tolist(), levels=est.info["levels"],
-                           time_s=time.perf_counter() - ta)
+        affine_m, affine_info = _affine_stage(backend.to_numpy(f32), backend.to_numpy(m32), opts.affine, spacing,
+                                              opts.min_size)
         # the deformable solver then works on the moving image resampled by the affine, from zero: the
         # regulariser sees the deformable part v alone, and u = a + A v is the whole transform
         a = backend.to_device(displacement_of(affine_m, fixed.shape), dev)
@@ -351,16 +347,12 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
     if kind:  # one affine of the whole stack, then the slices of the moving stack resampled by it
         if initial is not None:
             raise ValueError("affine= and initial= exclude each other: the affine stage computes the start")
-        ta = time.perf_counter()
-        f32, m32 = validate_pair(fixed, moving)
-        f32, m32 = normalise_pair(f32, m32)
-        est = estimate_affine(f32, m32, kind=kind, spacing=spacing, min_size=stage_opts.min_size)
-        M = voxel_matrix(est)
+        M, affine_info = _affine_stage(*normalise_pair(*validate_pair(fixed, moving)), kind, spacing,
+                                       stage_opts.min_size)
         a = displacement_of(M, fixed.shape)
         moving = np.asarray(_warp(moving if moving.dtype.kind == "f" else moving.astype(np.float32), a))
         if "moving_mask" in masks:  # the moving mask follows the moving image (nearest neighbour)
             masks["moving_mask"] = np.asarray(_warp(masks["moving_mask"], a, order=0))
-        affine_info = dict(kind=kind, matrix=M.tolist(), levels=est.info["levels"], time_s=time.perf_counter() - ta)
     n = fixed.shape[axis]
     per, infos = [], []
     for k in progress(range(n)) if progress is not None else range(n):
@@ -384,6 +376,15 @@ def register_slices(fixed, moving, *, axis: int = -1, spacing=None, initial=None
     warped = _warp(moving_f, u)  # without an affine, u is zero along the slice axis: slices stay within themselves
     info = dict(infos[0], slices=infos, slice_axis=axis, affine=affine_info, time_s=time.perf_counter() - t0)
     return RegistrationResult(displacement=u, warped=warped, info=info, affine=M)
+
+
+def _affine_stage(f32, m32, kind: str, spacing, min_size: int):
+    """The affine stage on a normalised float32 NumPy pair: its voxel matrix ``(ndim + 1)`` square and
+    the run information (kind, matrix, levels, seconds) that ``info["affine"]`` carries."""
+    t0 = time.perf_counter()
+    est = estimate_affine(f32, m32, kind=kind, spacing=spacing, min_size=min_size)
+    M = voxel_matrix(est)
+    return M, dict(kind=kind, matrix=M.tolist(), levels=est.info["levels"], time_s=time.perf_counter() - t0)
 
 
 def _stack_affine(method, options: dict):
