@@ -38,8 +38,8 @@ from .differences import central_gradient
 from .engine import Weights
 from .resample import gaussian_smooth, warp
 
-__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "intensity_map_coefficients", "global_intensity_map", "L1", "L2", "NCC", "Masked",
-           "DATA_TERMS", "make_data_term"]
+__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "intensity_map_coefficients",
+           "global_intensity_map", "L1", "L2", "NCC", "Masked", "DATA_TERMS", "make_data_term"]
 
 
 class Linearised(NamedTuple):
@@ -202,7 +202,7 @@ def _coarse_fit(blocks, sigma: float, ndim: int, ridge: float):
     return xp.stack([a, mf - a * mw])
 
 
-#: voxels at least in the regular subsample that :func:`global_intensity_map` fits on
+#: voxels at least in the regular subsample that :func:`intensity_map_coefficients` fits on
 _MAP_SAMPLES = 8192
 
 
@@ -210,8 +210,8 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
     """The least-squares polynomial ``p`` of degree ``degree`` with ``fixed ~ p(warped)``.
 
     ``fixed``, ``warped``: ``(*batch, *spatial)``; returns ``p``'s coefficients, lowest first,
-    ``(*batch, degree + 1)`` float64 on the host. The polynomial is the regression of the fixed intensities on the warped ones over the
-    whole image (inside ``support``, ``(*spatial)`` of 0/1, where given), one per batch item: the
+    ``(*batch, degree + 1)`` float64 on the host. The polynomial is the regression of the fixed
+    intensities on the warped ones over the whole image (inside ``support``, ``(*spatial)`` of 0/1, where given), one per batch item: the
     conditional-mean intensity map of the correlation ratio (Roche, Malandain, Pennec and Ayache,
     "The correlation ratio as a new similarity measure for multimodal image registration", MICCAI
     1998), restricted to polynomials as in Guimond, Roche, Ayache and Meunier, "Three-dimensional
@@ -274,8 +274,8 @@ class NCC:
     warp, so the linearisation is L1's with the gradient ``a p'(W) grad W`` and the
     u-step stays point-wise and closed form (paper eq. 5), on any backend (on
     NumPy the fit and the linearisation run as two fused numba passes,
-    :func:`varreg.kernels.ncc_block_stats` and :func:`varreg.kernels.ncc_combine`). A positive affine change of either image's intensities leaves the
-    displacement unchanged: :meth:`prepare` standardises each image globally (to
+    :func:`varreg.kernels.ncc_block_stats` and :func:`varreg.kernels.ncc_combine`). A positive
+    affine change of either image's intensities leaves the displacement unchanged: :meth:`prepare` standardises each image globally (to
     a standard deviation of 0.25, that of a typical [0, 1] image, so that L1's
     weights carry over), and the local fit absorbs the moving image's gain and
     offset (local ones too, over distances larger than the window). Where the
