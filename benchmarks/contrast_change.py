@@ -90,7 +90,8 @@ def print_table(rows, n_pairs, seeds):
 
 
 def grid(pairs, seeds):
-    """NCC weights (theta = lam scale c, refine_lam), window and floor around the default."""
+    """NCC weights (theta = lam scale c, refine_lam), window, floor and the global map's bias order
+    around the default."""
     from varreg.data_terms import NCC
 
     w = NCC.weights
@@ -101,14 +102,17 @@ def grid(pairs, seeds):
         points.append(dict(lam=w.lam * lam))
     for rl in (0.5, 2.0):
         points.append(dict(refine_lam=w.refine_lam * rl))
-    for window in (25, 61):
+    for window in (61, 181):
         points.append(dict(window=window))
+    for bias_order in (0, 1):
+        points.append(dict(bias_order=bias_order))
     for floor in (0.03, 0.3):
         points.append(dict(floor=floor))
     fns = {}
     for p in points:
-        term = {k: p[k] for k in ("window", "floor") if k in p}
-        solver = {k: v for k, v in p.items() if k not in ("window", "floor")}
+        term_keys = ("window", "floor", "bias_order")
+        term = {k: p[k] for k in term_keys if k in p}
+        solver = {k: v for k, v in p.items() if k not in term_keys}
         label = ", ".join(f"{k}={v:g}" for k, v in p.items()) or "default"
         fns[label] = (lambda f, m, t=NCC(**term), s=solver:
                       varreg.register(f, m, data_term=t, **s).displacement)
@@ -123,7 +127,7 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=1, help="every N-th patient")
     ap.add_argument("--seeds", type=int, default=3, help="contrast changes per pair")
     ap.add_argument("--peers", default="skimage,ants", help="comma list of skimage, ants (when installed)")
-    ap.add_argument("--grid", action="store_true", help="search the NCC weights, window and floor instead")
+    ap.add_argument("--grid", action="store_true", help="search the NCC weights, window, floor and bias order instead")
     args = ap.parse_args(argv)
     ids, pairs = load_pairs(args.data, args.split, args.every)
     seeds = range(args.seeds)

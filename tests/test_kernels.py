@@ -260,18 +260,32 @@ def test_parallel_equals_serial(shape):
 
 
 @pytest.mark.parametrize("shape", [(64, 58), (21, 26, 19)])
-@pytest.mark.parametrize("degree", [1, 2, 3])
-def test_ncc_kernels_match_the_array_api_linearisation(shape, degree, monkeypatch):
+@pytest.mark.parametrize("degree,bias_order", [(1, 0), (2, 0), (3, 1), (2, 2), (1, 3)])
+def test_ncc_kernels_match_the_array_api_linearisation(shape, degree, bias_order, monkeypatch):
     """NumPy float32 takes the numba kernels (block statistics, combination); the array-API code is
     their reference, to float32 rounding."""
     rng = np.random.default_rng(8)
     W = ndimage.gaussian_filter(rng.random(shape), 2.0).astype(np.float32)
     W = (W - W.min()) / np.ptp(W)
-    F = (W ** 0.7 + 0.05 * rng.random(shape)).astype(np.float32)
+    ramp = np.linspace(0.7, 1.3, shape[-1])  # a bias along the last axis, which the kernels' rows evaluate
+    F = (ramp * W ** 0.7 + 0.05 * rng.random(shape)).astype(np.float32)
     uw = rng.normal(0, 1.5, (len(shape), *shape)).astype(np.float32)
-    term = data_terms.NCC(window=15, degree=degree)
+    term = data_terms.NCC(window=15, degree=degree, bias_order=bias_order)
     fused = term.linearise(F, W, uw, len(shape))
     monkeypatch.setattr(data_terms, "takes_kernel", lambda *a: False)
     ref = term.linearise(F, W, uw, len(shape))
     for x, y in zip(fused, ref):
         np.testing.assert_allclose(x, y, atol=5e-5)
+
+
+@pytest.mark.parametrize("shape", [(150, 131), (30, 27, 25)])
+@pytest.mark.parametrize("degree,order", [(1, 0), (2, 2), (3, 1)])
+def test_map_moments_kernel_matches_the_array_api_fit(shape, degree, order, monkeypatch):
+    """The intensity map's normal equations summed by the numba pass give the reference's coefficients."""
+    rng = np.random.default_rng(11)
+    W = rng.random(shape).astype(np.float32)
+    F = (np.linspace(0.8, 1.2, shape[-1]) * W ** 0.7 + 0.1 * rng.random(shape)).astype(np.float32)
+    fused = data_terms.intensity_map_coefficients(F, W, len(shape), degree, order=order)
+    monkeypatch.setattr(data_terms, "takes_kernel", lambda *a: False)
+    ref = data_terms.intensity_map_coefficients(F, W, len(shape), degree, order=order)
+    np.testing.assert_allclose(fused, ref, rtol=1e-7, atol=1e-9)

@@ -79,29 +79,37 @@ def test_local_affine_fit_recovers_an_exact_affine_relation_on_blocks():
     np.testing.assert_allclose(b, 3.0, rtol=1e-4)
 
 
-@pytest.mark.parametrize("theta,degree", [(0.3, 1), (2.0, 1), (0.3, 2), (2.0, 2)])
-def test_ncc_u_step_minimises_its_subproblem(theta, degree):
+def _spatial_basis(shape, order):
+    """Every monomial y^i x^j with i + j <= order of the coordinates scaled to -1 .. 1, built here from scratch."""
+    y, x = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    return [y ** i * x ** j for i in range(order + 1) for j in range(order + 1 - i)]
+
+
+@pytest.mark.parametrize("theta,degree,bias_order", [(0.3, 1, 0), (2.0, 1, 0), (0.3, 2, 0), (2.0, 2, 0),
+                                                     (0.3, 2, 2), (2.0, 1, 1)])
+def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order):
     """The u-step on the prepared (standardised) images minimises |rho(u)| + theta/2 |v - u|^2 per voxel,
-    rho built here from scratch: a (p(W) + p'(W) g.(u - u_w)) + b - F with W the warped standardised
-    moving image, g its gradient, p the global polynomial map (the identity for degree 1) and (a, b)
-    the local fit of F on p(W), all frozen within the warp."""
+    rho built here from scratch: a (p(x, W) + p'(x, W) g.(u - u_w)) + b - F with W the warped
+    standardised moving image, g its gradient, p the global map (a polynomial in W whose coefficients
+    are polynomials of the coordinates of order ``bias_order``) and (a, b) the local fit of F on p(x, W),
+    all frozen within the warp."""
     rng = np.random.default_rng(2)
     f = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
     m = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
     uw = rng.normal(0, 0.5, (2, 20, 18))
     v = uw + rng.normal(0, 0.3, (2, 20, 18))
-    term = NCC(window=7, degree=degree)  # any window: the step is the same closed form
+    term = NCC(window=7, degree=degree, bias_order=bias_order)  # any window: the step is the same closed form
     f_s, m_s = term.prepare(f, m, 2)
     u = term.step(v, term.linearise(f_s, m_s, uw, 2), theta)
     warped = warp(m_s, uw)
     g = central_gradient(warped, 2)
-    if degree == 1:
-        mapped, slope = warped, np.ones_like(warped)
-    else:  # p from the normal equations solved here by lstsq, on every voxel (the term subsamples above 8192)
-        coef = np.linalg.lstsq(np.stack([warped.ravel() ** k for k in range(degree + 1)], 1), f_s.ravel(),
-                               rcond=None)[0]
-        mapped = sum(c * warped ** k for k, c in enumerate(coef))
-        slope = sum(k * c * warped ** (k - 1) for k, c in enumerate(coef) if k)
+    # p from the normal equations solved here by lstsq, on every voxel (the term subsamples larger images)
+    phis = _spatial_basis(warped.shape, bias_order)
+    cols = [phi * warped ** k for k in range(degree + 1) for phi in phis]
+    coef = np.linalg.lstsq(np.stack([c.ravel() for c in cols], 1), f_s.ravel(), rcond=None)[0]
+    c_k = [sum(coef[k * len(phis) + j] * phi for j, phi in enumerate(phis)) for k in range(degree + 1)]
+    mapped = sum(c * warped ** k for k, c in enumerate(c_k))
+    slope = sum(k * c * warped ** (k - 1) for k, c in enumerate(c_k) if k)
     a, b = local_affine_fit(f_s, mapped, 2, 7, (term.floor * term.scale) ** 2)
     assert a.min() >= 0 and np.ptp(a) > 0.05  # a real, varying fit
     for (i, j) in [(3, 4), (10, 9), (15, 2), (7, 14)]:
@@ -125,7 +133,7 @@ def test_global_intensity_map_recovers_a_polynomial_relation():
     F = np.stack([sum(c * W[i] ** k for k, c in enumerate(coefs[i])) for i in range(2)]).astype(np.float32)
     support = (rng.random((150, 130)) > 0.3).astype(np.float32)
     F_out = np.where(support > 0, F, 5.0).astype(np.float32)  # outside the support: anything
-    np.testing.assert_allclose(data_terms.intensity_map_coefficients(F_out, W, 2, 2, support), coefs, atol=1e-3)
+    np.testing.assert_allclose(data_terms.intensity_map_coefficients(F_out, W, 2, 2, support)[..., 0], coefs, atol=1e-3)
     mapped, slope = data_terms.global_intensity_map(F, W, 2, 2)
     np.testing.assert_allclose(mapped, F, atol=1e-3)
     np.testing.assert_allclose(slope, coefs[:, 1, None, None] + 2 * coefs[:, 2, None, None] * W, atol=1e-3)
@@ -133,10 +141,36 @@ def test_global_intensity_map_recovers_a_polynomial_relation():
     assert np.abs(data_terms.global_intensity_map(zeros, zeros, 2, 2)[1]).max() == 0
 
 
-def test_ncc_degree_is_validated():
+@pytest.mark.parametrize("shape", [(150, 130), (40, 36, 30)])
+def test_global_intensity_map_recovers_a_spatially_varying_relation(shape):
+    """F = c0(x) + c1(x) W + c2(x) W^2 with every c_k a quadratic of the coordinates (a gamma-like map
+    under a bias field): the order-2 map reproduces F, p' and, on the kernels' row form, both again."""
+    rng = np.random.default_rng(9)
+    W = rng.random(shape).astype(np.float32)
+    t = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    c = [0.2 + 0.3 * t[0] - 0.2 * t[-1] ** 2,
+         1.0 + 0.4 * t[-1] + 0.3 * t[0] * t[-1],
+         -0.5 + 0.2 * t[0] ** 2]
+    F = (c[0] + c[1] * W + c[2] * W ** 2).astype(np.float32)
+    mapped, slope = data_terms.global_intensity_map(F, W, len(shape), 2, order=2)
+    np.testing.assert_allclose(mapped, F, atol=2e-4)
+    np.testing.assert_allclose(slope, c[1] + 2 * c[2] * W, atol=2e-4)
+    order0 = data_terms.global_intensity_map(F, W, len(shape), 2)[0]
+    assert np.abs(order0 - F).mean() > 50 * np.abs(mapped - F).mean()  # one global polynomial cannot
+    coef = data_terms.intensity_map_coefficients(F, W, len(shape), 2, order=2)
+    rows, xs = data_terms.map_rows(coef, shape, 2)
+    xpow = np.stack([xs.astype(np.float64) ** e for e in range(rows.shape[1])])  # (order + 1, nx)
+    fields = np.einsum("kezy,ex->kzyx", rows.astype(np.float64), xpow).reshape((3,) + shape)
+    np.testing.assert_allclose(fields, np.stack(c), atol=2e-4)
+
+
+def test_ncc_degree_and_bias_order_are_validated():
     for bad in (0, 5, 2.0, True):
         with pytest.raises(ValueError, match="ncc degree must be an integer 1..4"):
             NCC(degree=bad)
+    for bad in (-1, 4, 1.0, False):
+        with pytest.raises(ValueError, match="ncc bias_order must be an integer 0..3"):
+            NCC(bias_order=bad)
 
 
 def test_ncc_register_is_invariant_to_affine_intensity_changes(pair):

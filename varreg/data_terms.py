@@ -27,19 +27,21 @@ A new data term is a class here with ``name``, ``weights``, ``linearise`` and
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+from array_api_compat import device as array_device
 
 from .backend import host_float, is_numpy, namespace, spatial_ndim, takes_kernel, to_numpy
 from .differences import central_gradient
 from .engine import Weights
 from .resample import gaussian_smooth, warp
 
-__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "intensity_map_coefficients",
-           "global_intensity_map", "L1", "L2", "NCC", "Masked", "DATA_TERMS", "make_data_term"]
+__all__ = ["Linearised", "linearise", "l1_step", "l2_step", "local_standardise", "map_basis", "map_coordinates",
+           "intensity_map_coefficients", "intensity_map_fields", "map_rows", "apply_intensity_map", "global_intensity_map", "L1", "L2", "NCC", "Masked", "DATA_TERMS", "make_data_term"]
 
 
 class Linearised(NamedTuple):
@@ -203,59 +205,175 @@ def _coarse_fit(blocks, sigma: float, ndim: int, ridge: float):
 
 
 #: voxels at least in the regular subsample that :func:`intensity_map_coefficients` fits on
-_MAP_SAMPLES = 8192
+_MAP_SAMPLES = 2048
 
 
-def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=None) -> np.ndarray:
-    """The least-squares polynomial ``p`` of degree ``degree`` with ``fixed ~ p(warped)``.
+@functools.lru_cache(maxsize=None)
+def map_basis(ndim: int, order: int) -> tuple:
+    """The exponents ``(e_1, ..., e_ndim)`` (axes in array order) of the monomials ``x_1^e_1 ... x_ndim^e_ndim``
+    of total degree ``<= order`` in the normalised coordinates (:func:`map_coordinates`), constant
+    first: the spatial basis of :func:`intensity_map_coefficients` (6 terms in 2-D and 10 in 3-D for
+    order 2)."""
+    out = [()]
+    for _ in range(ndim):
+        out = [e + (k,) for e in out for k in range(order + 1)]
+    return tuple(sorted((e for e in out if sum(e) <= order), key=lambda e: (sum(e), [-k for k in e])))
 
-    ``fixed``, ``warped``: ``(*batch, *spatial)``; returns ``p``'s coefficients, lowest first,
-    ``(*batch, degree + 1)`` float64 on the host. The polynomial is the regression of the fixed
-    intensities on the warped ones over the whole image (inside ``support``, ``(*spatial)`` of 0/1, where given), one per batch item: the
-    conditional-mean intensity map of the correlation ratio (Roche, Malandain, Pennec and Ayache,
-    "The correlation ratio as a new similarity measure for multimodal image registration", MICCAI
-    1998), restricted to polynomials as in Guimond, Roche, Ayache and Meunier, "Three-dimensional
-    multimodal brain warping using the demons algorithm and adaptive intensity corrections", IEEE
-    TMI 2001. The normal equations (moments up to ``2 degree`` on a regular subsample of at least
-    ``_MAP_SAMPLES`` voxels, summed on the array's backend) are solved on the host in float64 with a
-    small ridge; an image of zeros (a constant one after
-    :class:`NCC`'s standardisation) gives ``p`` constant and ``p' = 0``.
+
+def map_coordinates(n: int) -> np.ndarray:
+    """The normalised coordinates of an axis of ``n`` voxels: ``n`` float64 values spaced evenly from -1
+    to 1 (a single voxel: 0)."""
+    return np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _basis_images(shape: tuple, ndim: int, exponents: tuple, stride: int = 1) -> np.ndarray:
+    """``(n_basis, *sub)`` float64, read-only and cached (a registration asks for the same few grids at
+    every warp): the monomials of ``exponents`` at every ``stride``-th voxel of the spatial ``shape``."""
+    axes = [map_coordinates(n)[::stride] for n in shape[len(shape) - ndim:]]
+    grids = [c.reshape((1,) * i + (c.size,) + (1,) * (ndim - i - 1)) for i, c in enumerate(axes)]
+    sub = tuple(c.size for c in axes)
+    out = np.stack([np.broadcast_to(math.prod((g ** e for g, e in zip(grids, ex) if e), start=np.ones(1)), sub)
+                    for ex in exponents])
+    out.flags.writeable = False
+    return out
+
+
+def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=None, order: int = 0) -> np.ndarray:
+    """The least-squares map ``p(x, w) = sum_k c_k(x) w^k`` with ``fixed ~ p(x, warped)``: a polynomial
+    of degree ``degree`` in the intensity whose coefficients ``c_k`` are polynomials of total degree
+    ``order`` in the normalised coordinates (:func:`map_basis`; ``order=0``: one global polynomial).
+
+    ``fixed``, ``warped``: ``(*batch, *spatial)``; returns ``(*batch, degree + 1, n_basis)`` float64 on
+    the host, ``[..., k, j]`` the coefficient of ``basis_j(x) w^k``. For ``order=0`` this is the
+    regression of the fixed intensities on the warped ones, the conditional-mean intensity map of the
+    correlation ratio (Roche, Malandain, Pennec and Ayache, "The correlation ratio as a new similarity
+    measure for multimodal image registration", MICCAI 1998) restricted to polynomials as in Guimond,
+    Roche, Ayache and Meunier, "Three-dimensional multimodal brain warping using the demons algorithm
+    and adaptive intensity corrections", IEEE TMI 2001. The coordinate polynomials add a smooth
+    multiplicative and additive bias field, a low-order polynomial as in Styner, Brechbuehler, Szekely
+    and Gerig, "Parametric estimate of intensity inhomogeneities applied to MRI", IEEE TMI 2000. Fitted
+    on a regular subsample of at least ``_MAP_SAMPLES`` voxels (inside ``support``, ``(*spatial)`` of
+    0/1, where given), copied to the host and solved there in float64 with a small ridge; an image of
+    zeros (a constant one after :class:`NCC`'s standardisation) gives ``p`` constant in ``w``.
     """
-    xp = namespace(fixed, warped)
-    axes = tuple(range(warped.ndim - ndim, warped.ndim))
-    spatial = warped.shape[warped.ndim - ndim:]
+    lead = warped.ndim - ndim
+    spatial = tuple(warped.shape[lead:])
     stride = max(1, int((math.prod(spatial) / _MAP_SAMPLES) ** (1.0 / ndim)))
     grid = (...,) + (slice(None, None, stride),) * ndim
-    w, f = warped[grid], fixed[grid]
-    s = None if support is None else xp.astype(support[grid], warped.dtype)
-    powers = [w if s is None else w * s]  # weighted powers w^k s, k = 1 .. 2 degree
-    for _ in range(2 * degree - 1):
-        powers.append(powers[-1] * w)
-    count = [math.prod(w.shape[w.ndim - ndim:]) * np.ones(w.shape[:w.ndim - ndim]) if s is None
-             else np.broadcast_to(to_numpy(xp.sum(s)), w.shape[:w.ndim - ndim])]
-    moments = np.stack(count + [to_numpy(xp.sum(q, axis=axes)) for q in powers], -1).astype(np.float64)
-    cross = np.stack([to_numpy(xp.sum(f if s is None else f * s, axis=axes))]
-                     + [to_numpy(xp.sum(f * q, axis=axes)) for q in powers[:degree]], -1).astype(np.float64)
-    idx = np.add.outer(np.arange(degree + 1), np.arange(degree + 1))
-    gram = moments[..., idx]
+    pair, inner = _moment_index(ndim, order)
+    if takes_kernel(warped, ndim - 1) and support is None and warped.dtype == np.float32 == fixed.dtype:
+        from . import kernels
+
+        strides, pows, exps = _kernel_grid(spatial, ndim, order, stride)
+        moments, cross = kernels.map_moments(np.ascontiguousarray(fixed), np.ascontiguousarray(warped),
+                                             strides, pows, exps, inner, degree)
+        batch = ()
+    else:  # the reference: any backend, batched, with a support
+        w = to_numpy(warped[grid]).astype(np.float64)
+        f = to_numpy(fixed[grid]).astype(np.float64)
+        batch, m = w.shape[:lead], math.prod(w.shape[lead:])
+        w, f = w.reshape(batch + (1, m)), f.reshape(batch + (1, m))
+        # normal equations from moments, sums only (no BLAS, whose threads stall on a busy machine):
+        # gram[(k, i), (l, j)] = sum s basis_i basis_j w^(k + l), the moment of the monomial basis_i basis_j
+        mono = _basis_images(spatial, ndim, map_basis(ndim, 2 * order), stride).reshape(-1, m)  # (n_mono, m)
+        if support is not None:
+            mono = mono * to_numpy(support[grid]).astype(np.float64).reshape(1, m)
+        powers = [np.ones_like(w)]
+        for _ in range(2 * degree):
+            powers.append(powers[-1] * w)
+        powers = np.concatenate(powers, axis=-2)  # (*batch, 2 degree + 1, m)
+        moments = (powers[..., :, None, :] * mono).sum(-1)  # (*batch, 2 degree + 1, n_mono)
+        cross = ((f * powers[..., :degree + 1, :])[..., :, None, :] * mono[inner]).sum(-1)  # (*batch, degree + 1, nb)
+    k = np.arange(degree + 1)
+    nb = len(inner)
+    gram = moments[..., k[:, None, None, None] + k[None, None, :, None], pair[None, :, None, :]]
+    n = (degree + 1) * nb
+    gram = gram.reshape(batch + (n, n))
     diag = np.einsum("...ii->...i", gram)
-    gram = gram + np.eye(degree + 1) * (1e-6 * diag.max(axis=-1, keepdims=True)[..., None] + 1e-30)
-    return np.linalg.solve(gram, cross[..., None])[..., 0]
+    gram = gram + np.eye(n) * (1e-10 * diag.max(axis=-1, keepdims=True)[..., None] + 1e-30)
+    coef = np.linalg.solve(gram, cross.reshape(batch + (n, 1)))[..., 0]
+    return coef.reshape(batch + (degree + 1, nb))
 
 
-def global_intensity_map(fixed, warped, ndim: int, degree: int, support=None):
-    """``p(warped)`` and ``p'(warped)`` (both ``(*batch, *spatial)``) for the polynomial ``p`` of
+@functools.lru_cache(maxsize=64)
+def _kernel_grid(spatial: tuple, ndim: int, order: int, stride: int):
+    """:func:`varreg.kernels.map_moments`' sampling of a ``spatial`` grid: per-axis strides and coordinate
+    powers (up to ``2 order``) of ``(1, ny, nx)`` in 2-D or ``(nz, ny, nx)``, and the exponents of
+    ``map_basis(ndim, 2 order)`` padded to 3 axes."""
+    shape3 = (1,) * (3 - ndim) + spatial
+    strides = (1,) * (3 - ndim) + (stride,) * ndim
+    pows = tuple(np.power.outer(map_coordinates(n)[::s], np.arange(2 * order + 1)) for n, s in zip(shape3, strides))
+    exps = np.zeros((len(map_basis(ndim, 2 * order)), 3), np.int64)
+    exps[:, 3 - ndim:] = map_basis(ndim, 2 * order)
+    return strides, pows, exps
+
+
+@functools.lru_cache(maxsize=None)
+def _moment_index(ndim: int, order: int):
+    """For :func:`map_basis` ``(ndim, order)``: ``pair[i, j]``, the index of the monomial ``basis_i
+    basis_j`` in ``map_basis(ndim, 2 order)``, and ``inner[i]``, that of ``basis_i`` there."""
+    basis, products = map_basis(ndim, order), map_basis(ndim, 2 * order)
+    where = {e: i for i, e in enumerate(products)}
+    pair = np.array([[where[tuple(a + b for a, b in zip(ei, ej))] for ej in basis] for ei in basis])
+    return pair, np.array([where[e] for e in basis])
+
+
+def intensity_map_fields(coef: np.ndarray, like, ndim: int, order: int = 0):
+    """The coefficient images ``c_k(x)``, ``(*batch, degree + 1, *spatial)`` on ``like``'s backend, device
+    and dtype (``like``: ``(*batch, *spatial)``), from :func:`intensity_map_coefficients`' ``coef`` for
+    ``order``."""
+    xp = namespace(like)
+    spatial = tuple(like.shape[like.ndim - ndim:])
+    host = np.tensordot(coef, _basis_images(spatial, ndim, map_basis(ndim, order)), axes=([-1], [0]))
+    return xp.asarray(host, dtype=like.dtype, device=array_device(like))
+
+
+def map_rows(coef: np.ndarray, shape, order: int):
+    """The intensity map ``p(x, w) = sum_k c_k(x) w^k`` of :func:`intensity_map_coefficients` (``coef``
+    ``(degree + 1, n_basis)`` for ``order``, one image of spatial ``shape``, 2-D or 3-D) as the kernels
+    :func:`varreg.kernels.ncc_block_stats` and :func:`varreg.kernels.ncc_combine` take it: ``rows``
+    ``(degree + 1, order + 1, nz, ny)`` float32, the coefficients of ``c_k`` as a polynomial of the last
+    axis' coordinate on every row (``nz = 1`` in 2-D), and that coordinate ``xs`` ``(nx,)`` float32
+    (normalised as :func:`map_coordinates`)."""
+    factors, xs = _row_factors(tuple(shape), order)
+    rows = np.tensordot(np.asarray(coef, np.float64), factors, axes=([-1], [0]))  # (degree + 1, order + 1, nz, ny)
+    return rows.astype(np.float32), xs
+
+
+@functools.lru_cache(maxsize=64)
+def _row_factors(shape: tuple, order: int):
+    """``(n_basis, order + 1, nz, ny)`` float64: basis function ``j`` split into its factor ``z^ez y^ey`` at
+    the power ``ex`` of the last coordinate (zero at the other powers); and ``xs`` (see :func:`map_rows`)."""
+    shape3 = (1,) * (3 - len(shape)) + shape
+    zc, yc = map_coordinates(shape3[0])[:, None], map_coordinates(shape3[1])[None, :]
+    basis = map_basis(len(shape), order)
+    factors = np.zeros((len(basis), order + 1) + shape3[:2])
+    for j, ex in enumerate(basis):
+        ez, ey, e = (0,) * (3 - len(ex)) + tuple(ex)
+        factors[j, e] = zc ** ez * yc ** ey
+    xs = map_coordinates(shape3[2]).astype(np.float32)
+    factors.flags.writeable = False
+    return factors, xs
+
+
+def global_intensity_map(fixed, warped, ndim: int, degree: int, support=None, order: int = 0):
+    """``p(x, warped)`` and ``dp/dw(x, warped)`` (both ``(*batch, *spatial)``) for the map ``p`` of
     :func:`intensity_map_coefficients`."""
-    xp = namespace(fixed, warped)
-    coef = intensity_map_coefficients(fixed, warped, ndim, degree, support)
-    lead = (1,) * ndim
-    c = [xp.asarray(np.reshape(coef[..., k], coef.shape[:-1] + lead), dtype=warped.dtype)
-         for k in range(degree + 1)]
-    mapped, slope = c[degree] * warped + c[degree - 1], c[degree]
-    for k in range(degree - 1, 0, -1):  # Horner for p and p'
+    coef = intensity_map_coefficients(fixed, warped, ndim, degree, support, order)
+    return apply_intensity_map(intensity_map_fields(coef, warped, ndim, order), warped, ndim)
+
+
+def apply_intensity_map(fields, warped, ndim: int):
+    """``sum_k fields_k w^k`` and its derivative in ``w`` (Horner), both ``(*batch, *spatial)``; ``fields``
+    ``(*batch, degree + 1, *spatial)`` as :func:`intensity_map_fields`, ``warped`` ``(*batch, *spatial)``."""
+    kaxis = warped.ndim - ndim
+    take = lambda k: fields[(slice(None),) * kaxis + (k, ...)]  # noqa: E731
+    mapped, slope = take(fields.shape[kaxis] - 1) + 0 * warped, 0 * warped
+    for k in range(fields.shape[kaxis] - 2, -1, -1):
         slope = slope * warped + mapped
-        mapped = mapped * warped + c[k - 1]
-    return mapped, slope + xp.zeros_like(warped) if degree == 1 else slope
+        mapped = mapped * warped + take(k)
+    return mapped, slope
 
 
 @dataclass(frozen=True)
@@ -265,53 +383,59 @@ class NCC:
     Local correlation is invariant to a gain and an offset in every window; its
     residual is that of the best local affine map between the images (Roche et
     al. 2000). So at every warp the warped moving image ``W`` is mapped onto the
-    fixed one, first by a global polynomial ``p`` of degree ``degree``
-    (:func:`global_intensity_map`: a gamma or another smooth global change, which
-    a local affine map only approximates), then by the local least-squares fit
-    ``a p(W) + b`` (:func:`local_affine_fit`, the guided filter's model, with a
-    window of ``window`` voxels: bias fields, coil shading), and the robust L1 term
-    compares ``a p(W) + b`` with the fixed image. The maps are frozen within the
-    warp, so the linearisation is L1's with the gradient ``a p'(W) grad W`` and the
-    u-step stays point-wise and closed form (paper eq. 5), on any backend (on
-    NumPy the fit and the linearisation run as two fused numba passes,
-    :func:`varreg.kernels.ncc_block_stats` and :func:`varreg.kernels.ncc_combine`). A positive
-    affine change of either image's intensities leaves the displacement unchanged: :meth:`prepare` standardises each image globally (to
-    a standard deviation of 0.25, that of a typical [0, 1] image, so that L1's
-    weights carry over), and the local fit absorbs the moving image's gain and
-    offset (local ones too, over distances larger than the window). Where the
-    moving image is flat the fit has no slope (a = 0) and the data term is
+    fixed one, first by a global map ``p(x, W)`` (:func:`global_intensity_map`): a
+    polynomial of degree ``degree`` in the intensity (a gamma or another smooth
+    global change, which a local affine map only approximates) whose coefficients
+    are polynomials of order ``bias_order`` in the coordinates (a smooth bias
+    field, coil shading); then by the local least-squares fit ``a p + b``
+    (:func:`local_affine_fit`, the guided filter's model, with a window of
+    ``window`` voxels: what the global map leaves). The robust L1 term compares
+    ``a p + b`` with the fixed image. The maps are frozen within the warp, so the
+    linearisation is L1's with the gradient ``a p'(x, W) grad W`` and the u-step
+    stays point-wise and closed form (paper eq. 5), on any backend (on NumPy the
+    fit and the linearisation run as two fused numba passes,
+    :func:`varreg.kernels.ncc_block_stats` and :func:`varreg.kernels.ncc_combine`).
+    A positive affine change of either image's intensities leaves the displacement
+    unchanged: :meth:`prepare` standardises each image globally (to a standard
+    deviation of 0.25, that of a typical [0, 1] image, so that L1's weights carry
+    over), and the maps absorb the moving image's gain and offset. Where the
+    moving image is flat the local fit has no slope (a = 0) and the data term is
     absent, as local correlation is undefined there.
 
-    The defaults (window, degree, weights) were chosen on ACDC train slices with and
-    without a contrast change (``benchmarks/contrast_change.py --grid``; figures
-    in docs/bench.md).
+    The defaults (window, degree, bias order, weights) were chosen on ACDC train
+    slices with and without a contrast change (``benchmarks/contrast_change.py
+    --grid``; figures in docs/bench.md).
 
     Parameters
     ----------
     window : the local window, voxels of each pyramid level (a Gaussian with the variance of a box
         this wide); ``None``: :attr:`default_window`, or a level's shortest axis where that is shorter.
-    degree : the degree of the global polynomial intensity map before the local fit
-        (:func:`global_intensity_map`): 2 absorbs a global nonlinear change such as a gamma, which a
-        local affine fit only approximates; 1: the local affine fit alone.
-    floor : the fit's ridge, as a fraction of the images' standard deviation (flat regions give a -> 0).
+    degree : the degree in the intensity of the global map (:func:`intensity_map_coefficients`): 2
+        absorbs a global nonlinear change such as a gamma; 1: an affine one only.
+    bias_order : the total degree of the global map's coefficients as polynomials of the normalised
+        coordinates: 2 absorbs a smooth (quadratic) bias field; 0: one map for the whole image.
+    floor : the local fit's ridge, as a fraction of the images' standard deviation (flat regions give a -> 0).
     eps : as :class:`L1`, keeps flat regions finite in the step.
     """
 
     window: float | None = None
     degree: int = 2
+    bias_order: int = 2
     floor: float = 0.1
     eps: float = 1e-6
     name = "ncc"
     weights = Weights(theta=0.1, lam=0.14, refine_lam=0.04)
-    default_window = 41
+    default_window = 121
     scale = 0.25
     linearise_takes_support = True
 
     def __post_init__(self):
         if self.window is not None and not (isinstance(self.window, (int, float)) and self.window >= 2):
             raise ValueError(f"ncc window must be a number of voxels >= 2, got {self.window!r}")
-        if not (isinstance(self.degree, int) and not isinstance(self.degree, bool) and 1 <= self.degree <= 4):
-            raise ValueError(f"ncc degree must be an integer 1..4, got {self.degree!r}")
+        for name, lo, hi in (("degree", 1, 4), ("bias_order", 0, 3)):
+            val = getattr(self, name)
+            if not (isinstance(val, int) and not isinstance(val, bool) and lo <= val <= hi):
+                raise ValueError(f"ncc {name} must be an integer {lo}..{hi}, got {val!r}")
         if not (isinstance(self.floor, (int, float)) and self.floor >= 0):
             raise ValueError(f"ncc floor must be >= 0, got {self.floor!r}")
 
@@ -321,32 +445,29 @@ class NCC:
         return _standardise(fixed, ndim, self.scale), _standardise(moving, ndim, self.scale)
 
     def linearise(self, fixed, moving, u, ndim: int, support=None) -> Linearised:
-        """L1's linearisation of ``a p(W) + b - fixed`` around ``u`` (``p``, ``a``, ``b`` frozen; ``W`` =
-        warped; ``p`` the identity for ``degree`` 1)."""
+        """L1's linearisation of ``a p(x, W) + b - fixed`` around ``u`` (``p``, ``a``, ``b`` frozen; ``W`` =
+        warped)."""
         warped, g, rho0, gg = linearise(fixed, moving, u, ndim, self.eps)
         shortest = min(fixed.shape[fixed.ndim - ndim:])
         window = min(self.default_window if self.window is None else self.window, shortest)
         ridge = (self.floor * self.scale) ** 2
+        coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order)
         if takes_kernel(g, ndim) and support is None and warped.dtype == np.float32:
-            # fused: the block statistics of p(W), and the combination below, each one numba pass
+            # fused: the block statistics of p(x, W), and the combination below, each one numba pass
             from . import kernels
 
             fixed = np.ascontiguousarray(fixed)
-            coef = (np.array([0.0, 1.0]) if self.degree == 1
-                    else intensity_map_coefficients(fixed, warped, ndim, self.degree))
+            rows, xs = map_rows(coef, fixed.shape, self.bias_order)
             sigma, k = _fit_scale(window)
-            ab = _coarse_fit(kernels.ncc_block_stats(fixed, warped, coef, k), sigma / k, ndim, ridge)
-            fitted = kernels.ncc_combine(ab, k, fixed, warped, coef, g, rho0, gg, self.eps)
+            ab = _coarse_fit(kernels.ncc_block_stats(fixed, warped, rows, xs, k), sigma / k, ndim, ridge)
+            fitted = kernels.ncc_combine(ab, k, fixed, warped, rows, xs, g, rho0, gg, self.eps)
             return Linearised(fitted, g, rho0, gg)
         xp = namespace(warped)
-        if self.degree == 1:
-            mapped, slope = warped, xp.ones_like(warped)
-        else:
-            mapped, slope = global_intensity_map(fixed, warped, ndim, self.degree, support)
+        mapped, slope = apply_intensity_map(intensity_map_fields(coef, warped, ndim, self.bias_order), warped, ndim)
         a, b = local_affine_fit(fixed, mapped, ndim, window, ridge, support)
         gain = a * slope
         fitted = a * mapped + b
-        # residual a p(W) + b - F, linearised: its gradient is a p'(W) g, and g.u = W - F - rho0
+        # residual a p + b - F, linearised: its gradient is a p' g, and g.u = W - F - rho0
         return Linearised(fitted, g * xp.expand_dims(gain, axis=g.ndim - ndim - 1),
                           fitted - fixed - gain * (warped - fixed - rho0), gain * gain * (gg - self.eps) + self.eps)
 

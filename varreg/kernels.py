@@ -15,6 +15,7 @@ kernel             the operation it speeds up (and the only caller)
 :func:`quadratic_cg`    :class:`varreg.denoisers.Quadratic` (its array-API CG)
 :func:`ncc_block_stats` :class:`varreg.data_terms.NCC`: ``block_mean`` of the local fit's products
 :func:`ncc_combine`     :class:`varreg.data_terms.NCC`: ``block_upsample`` and the linearisation
+:func:`map_moments`     :func:`varreg.data_terms.intensity_map_coefficients`: its normal equations' sums
 =================  ==============================================================
 
 This module imports nothing of varreg: the operations call it, never the reverse.
@@ -24,9 +25,11 @@ compiles them ahead of time.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
+
 import numpy as np
 from numba import njit, prange
 
@@ -731,20 +734,83 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
 
 
 # --------------------------------------------------------- NCC: local affine fit after a global map
+@njit(fastmath=_FASTMATH, cache=True, nogil=True)
+def _map_moments(fixed, warped, sz, sy, sx, zpow, ypow, xpow, exps, inner, degree, moments, cross):
+    npow = moments.shape[0]
+    ne = xpow.shape[1]
+    row = np.empty((npow, ne))  # sum over a row of xpow[x, e] w^p, and of f xpow[x, e] w^p
+    rowf = np.empty((degree + 1, ne))
+    for iz in range(zpow.shape[0]):
+        for iy in range(ypow.shape[0]):
+            row[:] = 0.0
+            rowf[:] = 0.0
+            for ix in range(xpow.shape[0]):
+                w = np.float64(warped[iz * sz, iy * sy, ix * sx])
+                f = np.float64(fixed[iz * sz, iy * sy, ix * sx])
+                pw = 1.0
+                for p in range(npow):
+                    for e in range(ne):
+                        row[p, e] += xpow[ix, e] * pw
+                    if p <= degree:
+                        for e in range(ne):
+                            rowf[p, e] += f * xpow[ix, e] * pw
+                    pw *= w
+            for j in range(exps.shape[0]):
+                zy = zpow[iz, exps[j, 0]] * ypow[iy, exps[j, 1]]
+                for p in range(npow):
+                    moments[p, j] += zy * row[p, exps[j, 2]]
+            for i in range(inner.shape[0]):
+                j = inner[i]
+                zy = zpow[iz, exps[j, 0]] * ypow[iy, exps[j, 1]]
+                for p in range(degree + 1):
+                    cross[p, i] += zy * rowf[p, exps[j, 2]]
+
+
+def map_moments(fixed: np.ndarray, warped: np.ndarray, strides, pows, exps: np.ndarray, inner: np.ndarray,
+                degree: int):
+    """The sums that the normal equations of :func:`varreg.data_terms.intensity_map_coefficients` need,
+    over the voxels ``[::strides[0], ::strides[1], ::strides[2]]`` of ``fixed``, ``warped`` (``(*spatial)``
+    float32, 2-D or 3-D, taken as ``(1, ny, nx)`` in 2-D), in one serial pass (a fixed order:
+    reproducible): ``moments[p, j] = sum m_j w^p`` for ``p <= 2 degree`` and ``cross[p, i] = sum f
+    m_inner[i] w^p`` for ``p <= degree``, float64. ``m_j = pows[0][iz, exps[j, 0]] pows[1][iy, exps[j, 1]]
+    pows[2][ix, exps[j, 2]]``: ``pows`` the powers of each axis' coordinate at the sampled voxels
+    (``(n_sampled, max_exponent + 1)`` float64), ``exps`` ``(n_mono, 3)`` int64."""
+    f3 = fixed.reshape((1,) * (3 - fixed.ndim) + fixed.shape)
+    moments = np.zeros((2 * degree + 1, exps.shape[0]))
+    cross = np.zeros((degree + 1, len(inner)))
+    _map_moments(f3, warped.reshape(f3.shape), *strides, *pows, exps, inner, int(degree), moments, cross)
+    return moments, cross
+
+
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _horner(coef, x):
-    """``p(x)`` and ``p'(x)`` for the polynomial of coefficients ``coef`` (lowest first)."""
-    n = coef.shape[0]
-    p = coef[n - 1]
-    dp = 0.0
+def _map_row(rows, xs, z, y, cb):
+    """The map's coefficients ``c_k`` along row ``(z, y)`` into ``cb`` ``(degree + 1, nx)``: ``c_k(x) = sum_e
+    rows[k, e, z, y] xs[x]^e`` (Horner, independent across x)."""
+    n, m, nx = rows.shape[0], rows.shape[1], cb.shape[1]
+    for k in range(n):
+        top = rows[k, m - 1, z, y]
+        for x in range(nx):
+            cb[k, x] = top
+        for e in range(m - 2, -1, -1):
+            r = rows[k, e, z, y]
+            for x in range(nx):
+                cb[k, x] = cb[k, x] * xs[x] + r
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _map_value(cb, x, w):
+    """``p = sum_k cb[k, x] w^k`` and ``dp/dw`` (Horner)."""
+    n = cb.shape[0]
+    p = cb[n - 1, x]
+    dp = np.float32(0.0)
     for k in range(n - 2, -1, -1):
-        dp = dp * x + p
-        p = p * x + coef[k]
+        dp = dp * w + p
+        p = p * w + cb[k, x]
     return p, dp
 
 
 @njit(**_opts)
-def _ncc_block_stats(fixed, warped, coef, kz, ky, kx, out):
+def _ncc_block_stats(fixed, warped, rows, xs, kz, ky, kx, out):
     nz, ny, nx = fixed.shape
     ncz, ncy, ncx = out.shape[1], out.shape[2], out.shape[3]
     inv = 1.0 / (kz * ky * kx)
@@ -752,15 +818,17 @@ def _ncc_block_stats(fixed, warped, coef, kz, ky, kx, out):
         cz = b // ncy
         cy = b - cz * ncy
         acc = np.zeros((4, ncx))
+        cb = np.empty((rows.shape[0], nx), np.float32)
         for tz in range(kz):
             z = min(cz * kz + tz, nz - 1)
             for ty in range(ky):
                 y = min(cy * ky + ty, ny - 1)
+                _map_row(rows, xs, z, y, cb)
                 for cx in range(ncx):
                     for tx in range(kx):
                         x = min(cx * kx + tx, nx - 1)
                         f = fixed[z, y, x]
-                        m, _ = _horner(coef, warped[z, y, x])
+                        m, _ = _map_value(cb, x, warped[z, y, x])
                         acc[0, cx] += f
                         acc[1, cx] += m
                         acc[2, cx] += f * m
@@ -770,22 +838,22 @@ def _ncc_block_stats(fixed, warped, coef, kz, ky, kx, out):
                 out[c, cz, cy, cx] = acc[c, cx] * inv
 
 
-def ncc_block_stats(fixed: np.ndarray, warped: np.ndarray, coef: np.ndarray, k) -> np.ndarray:
-    """Block means of ``F``, ``P``, ``F P`` and ``P P`` with ``P = p(warped)`` (``coef``: ``p``'s
-    coefficients, lowest first): ``(4, *coarse)`` float32 over blocks of ``k`` voxels per axis, the
-    last one completed by the border voxel; :func:`varreg.resample.block_mean` of the four products,
-    in one pass. ``fixed``, ``warped``: ``(*spatial)`` float32, 2-D or 3-D."""
+def ncc_block_stats(fixed: np.ndarray, warped: np.ndarray, rows: np.ndarray, xs: np.ndarray, k) -> np.ndarray:
+    """Block means of ``F``, ``P``, ``F P`` and ``P P`` with ``P = p(x, warped)`` (``rows``, ``xs``: the map as
+    :func:`varreg.data_terms.map_rows`): ``(4, *coarse)`` float32 over blocks of ``k`` voxels per axis, the last one
+    completed by the border voxel; :func:`varreg.resample.block_mean` of the four products, in one pass.
+    ``fixed``, ``warped``: ``(*spatial)`` float32, 2-D or 3-D."""
     k = (1,) * (3 - fixed.ndim) + (int(k),) * fixed.ndim
     f3 = fixed.reshape((1,) * (3 - fixed.ndim) + fixed.shape)
     w3 = warped.reshape(f3.shape)
     coarse = tuple(-(-n // kk) for n, kk in zip(f3.shape, k))
     out = np.empty((4, *coarse), np.float32)
-    _run(_ncc_block_stats, fixed.size, f3, w3, np.asarray(coef, np.float32), *k, out)
+    _run(_ncc_block_stats, fixed.size, f3, w3, rows, xs, *k, out)
     return out.reshape((4, *coarse[3 - fixed.ndim:]))
 
 
 @njit(**_opts)
-def _ncc_combine(ab, lz, hz, fz, ly, hy, fy, lx, hx, fx, fixed, warped, coef, g, rho0, gg, eps, fitted):
+def _ncc_combine(ab, lz, hz, fz, ly, hy, fy, lx, hx, fx, fixed, warped, rows, xs, g, rho0, gg, eps, fitted):
     nz, ny, nx = fixed.shape
     nd = g.shape[0]
     ncx = ab.shape[3]
@@ -795,6 +863,8 @@ def _ncc_combine(ab, lz, hz, fz, ly, hy, fy, lx, hx, fx, fixed, warped, coef, g,
         z0, z1, wz = lz[z], hz[z], fz[z]
         y0, y1, wy = ly[y], hy[y], fy[y]
         row = np.empty((2, ncx), np.float32)  # the coarse row blended along z, then y (separable)
+        cb = np.empty((rows.shape[0], nx), np.float32)
+        _map_row(rows, xs, z, y, cb)
         for c in range(2):
             for cx in range(ncx):
                 v0 = ab[c, z0, y0, cx] + wy * (ab[c, z0, y1, cx] - ab[c, z0, y0, cx])
@@ -805,7 +875,7 @@ def _ncc_combine(ab, lz, hz, fz, ly, hy, fy, lx, hx, fx, fixed, warped, coef, g,
             a = row[0, x0] + wx * (row[0, x1] - row[0, x0])
             w = warped[z, y, x]
             f = fixed[z, y, x]
-            m, dm = _horner(coef, w)
+            m, dm = _map_value(cb, x, w)
             gain = a * dm
             fit = a * m + row[1, x0] + wx * (row[1, x1] - row[1, x0])
             fitted[z, y, x] = fit
@@ -815,18 +885,21 @@ def _ncc_combine(ab, lz, hz, fz, ly, hy, fy, lx, hx, fx, fixed, warped, coef, g,
                 g[c, z, y, x] = g[c, z, y, x] * gain
 
 
+@functools.lru_cache(maxsize=256)
 def _upsample_index(n: int, nc: int, k: int):
+    """Per output voxel along an axis of ``n``: the coarse neighbours and the blend weight (cached; read only by the kernels)."""
     pos = np.clip((np.arange(n, dtype=np.float64) + 0.5) / k - 0.5, 0.0, nc - 1)
     lo = np.minimum(np.floor(pos).astype(np.int64), nc - 1)
     return lo, np.minimum(lo + 1, nc - 1), (pos - lo).astype(np.float32)
 
 
-def ncc_combine(ab: np.ndarray, k, fixed, warped, coef, g, rho0, gg, eps: float) -> np.ndarray:
+def ncc_combine(ab: np.ndarray, k, fixed, warped, rows, xs, g, rho0, gg, eps: float) -> np.ndarray:
     """NCC's linearisation from the coarse local fit ``ab`` ``(2, *coarse)`` (``a``, ``b`` on
     :func:`ncc_block_stats`'s grid), upsampled linearly as :func:`varreg.resample.block_upsample`:
-    ``fitted = a p(W) + b`` (returned), and **in place** ``g *= a p'(W)``, ``rho0 = fitted - F -
-    a p'(W) (W - F - rho0)``, ``gg = (a p'(W))^2 (gg - eps) + eps``. ``fixed``, ``warped``, ``rho0``,
-    ``gg``: ``(*spatial)``; ``g``: ``(ndim, *spatial)``; float32."""
+    ``fitted = a p + b`` (returned), and **in place** ``g *= a p'``, ``rho0 = fitted - F - a p' (W - F -
+    rho0)``, ``gg = (a p')^2 (gg - eps) + eps``, with ``p = p(x, W)`` and ``p' = dp/dw`` the map of
+    :func:`varreg.data_terms.map_rows` (``rows``, ``xs``). ``fixed``, ``warped``, ``rho0``, ``gg``: ``(*spatial)``; ``g``:
+    ``(ndim, *spatial)``; float32."""
     nd = fixed.ndim
     lead = (1,) * (3 - nd)
     shape3 = lead + fixed.shape
@@ -835,7 +908,7 @@ def ncc_combine(ab: np.ndarray, k, fixed, warped, coef, g, rho0, gg, eps: float)
     idx = [t for n, nc, kk in zip(shape3, ab3.shape[1:], ks) for t in _upsample_index(n, nc, kk)]
     fitted = np.empty(shape3, np.float32)
     _run(_ncc_combine, fixed.size, ab3, *idx, fixed.reshape(shape3), warped.reshape(shape3),
-         np.asarray(coef, np.float32), g.reshape((nd,) + shape3), rho0.reshape(shape3), gg.reshape(shape3),
+         rows, xs, g.reshape((nd,) + shape3), rho0.reshape(shape3), gg.reshape(shape3),
          np.float32(eps), fitted)
     return fitted.reshape(fixed.shape)
 
@@ -857,7 +930,12 @@ def warm_up() -> float:
         tgv_steps(u, dict(v=u.copy(), vb=u.copy(), w=z(d), wb=z(d), p=z(d), q=z(d * (d + 1) // 2)),
                   0.3, 2.0, 0.2, 0.2, 1, (1.0,) * d)
         quadratic_cg(u + a, u.copy(), 0.3, 1, (1.0,) * d, 1e-6)
-        ab = ncc_block_stats(a, a, np.array([0.0, 1.0]), 2)[:2]
-        ncc_combine(ab, 2, a, w, np.array([0.0, 1.0]), g, rho0, gg, 1e-6)
+        rows = np.zeros((2, 1) + ((1,) * (3 - d) + shape)[:2], np.float32)
+        rows[1] = 1.0  # p(x, w) = w
+        xs = np.zeros(shape[-1], np.float32)
+        map_moments(a, a, (1, 1, 1), (np.ones((1, 1)), np.ones((shape[-2], 1)), np.ones((shape[-1], 1))),
+                    np.zeros((1, 3), np.int64), np.zeros(1, np.int64), 1)
+        ab = ncc_block_stats(a, a, rows, xs, 2)[:2]
+        ncc_combine(ab, 2, a, w, rows, xs, g, rho0, gg, 1e-6)
     return time.perf_counter() - t0
 
