@@ -102,7 +102,7 @@ def grid(pairs, seeds):
         points.append(dict(lam=w.lam * lam))
     for rl in (0.5, 2.0):
         points.append(dict(refine_lam=w.refine_lam * rl))
-    for window in (61, 181):
+    for window in (81, 151):
         points.append(dict(window=window))
     for bias_order in (0, 1):
         points.append(dict(bias_order=bias_order))
