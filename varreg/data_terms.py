@@ -226,14 +226,24 @@ def map_coordinates(n: int) -> np.ndarray:
     return np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
 
 
+@functools.lru_cache(maxsize=256)
+def _axis_powers(n: int, stride: int, count: int) -> np.ndarray:
+    """``(ceil(n / stride), count)`` float64, read-only and cached: the powers ``0 .. count - 1`` of
+    :func:`map_coordinates` ``(n)`` at every ``stride``-th voxel. Every monomial of the map is a product
+    of one column per axis."""
+    out = np.power.outer(map_coordinates(n)[::stride], np.arange(count))
+    out.flags.writeable = False
+    return out
+
+
 @functools.lru_cache(maxsize=64)
-def _basis_images(shape: tuple, ndim: int, exponents: tuple, stride: int = 1) -> np.ndarray:
-    """``(n_basis, *sub)`` float64, read-only and cached (a registration asks for the same few grids at
-    every warp): the monomials of ``exponents`` at every ``stride``-th voxel of the spatial ``shape``."""
-    axes = [map_coordinates(n)[::stride] for n in shape[len(shape) - ndim:]]
-    grids = [c.reshape((1,) * i + (c.size,) + (1,) * (ndim - i - 1)) for i, c in enumerate(axes)]
-    sub = tuple(c.size for c in axes)
-    out = np.stack([np.broadcast_to(math.prod((g ** e for g, e in zip(grids, ex) if e), start=np.ones(1)), sub)
+def _basis_images(shape: tuple, ndim: int, exponents: tuple, stride: int) -> np.ndarray:
+    """``(n_basis, *sub)`` float64, read-only and cached: the monomials of ``exponents`` at every
+    ``stride``-th voxel of the spatial ``shape`` (the fit's subsample, a few thousand voxels)."""
+    top = max(max(ex, default=0) for ex in exponents) + 1
+    pows = [_axis_powers(n, stride, top) for n in shape[len(shape) - ndim:]]
+    out = np.stack([math.prod((p[:, e].reshape((1,) * i + (-1,) + (1,) * (ndim - i - 1))
+                               for i, (p, e) in enumerate(zip(pows, ex))), start=np.ones((1,) * ndim))
                     for ex in exponents])
     out.flags.writeable = False
     return out
@@ -303,7 +313,7 @@ def _kernel_grid(spatial: tuple, ndim: int, order: int, stride: int):
     ``map_basis(ndim, 2 order)`` padded to 3 axes."""
     shape3 = (1,) * (3 - ndim) + spatial
     strides = (1,) * (3 - ndim) + (stride,) * ndim
-    pows = tuple(np.power.outer(map_coordinates(n)[::s], np.arange(2 * order + 1)) for n, s in zip(shape3, strides))
+    pows = tuple(_axis_powers(n, s, 2 * order + 1) for n, s in zip(shape3, strides))
     exps = np.zeros((len(map_basis(ndim, 2 * order)), 3), np.int64)
     exps[:, 3 - ndim:] = map_basis(ndim, 2 * order)
     return strides, pows, exps
@@ -322,11 +332,21 @@ def _moment_index(ndim: int, order: int):
 def intensity_map_fields(coef: np.ndarray, like, ndim: int, order: int = 0):
     """The coefficient images ``c_k(x)``, ``(*batch, degree + 1, *spatial)`` on ``like``'s backend, device
     and dtype (``like``: ``(*batch, *spatial)``), from :func:`intensity_map_coefficients`' ``coef`` for
-    ``order``."""
+    ``order``. Built there from the per-axis coordinate powers (small vectors): no full-size array
+    crosses from the host."""
     xp = namespace(like)
+    dev = array_device(like)
     spatial = tuple(like.shape[like.ndim - ndim:])
-    host = np.tensordot(coef, _basis_images(spatial, ndim, map_basis(ndim, order)), axes=([-1], [0]))
-    return xp.asarray(host, dtype=like.dtype, device=array_device(like))
+    pows = [xp.asarray(_axis_powers(n, 1, order + 1), dtype=like.dtype, device=dev) for n in spatial]
+    c = xp.asarray(coef, dtype=like.dtype, device=dev)  # (*batch, degree + 1, n_basis)
+    fields = xp.zeros(tuple(c.shape[:-1]) + spatial, dtype=like.dtype, device=dev)
+    for j, ex in enumerate(map_basis(ndim, order)):
+        term = xp.reshape(c[..., j], tuple(c.shape[:-1]) + (1,) * ndim)
+        for i, (p, e) in enumerate(zip(pows, ex)):
+            if e:
+                term = term * xp.reshape(p[:, e], (1,) * i + (spatial[i],) + (1,) * (ndim - i - 1))
+        fields = fields + term
+    return fields
 
 
 def map_rows(coef: np.ndarray, shape, order: int):
@@ -346,13 +366,13 @@ def _row_factors(shape: tuple, order: int):
     """``(n_basis, order + 1, nz, ny)`` float64: basis function ``j`` split into its factor ``z^ez y^ey`` at
     the power ``ex`` of the last coordinate (zero at the other powers); and ``xs`` (see :func:`map_rows`)."""
     shape3 = (1,) * (3 - len(shape)) + shape
-    zc, yc = map_coordinates(shape3[0])[:, None], map_coordinates(shape3[1])[None, :]
+    zp, yp = (_axis_powers(n, 1, order + 1) for n in shape3[:2])
     basis = map_basis(len(shape), order)
     factors = np.zeros((len(basis), order + 1) + shape3[:2])
     for j, ex in enumerate(basis):
         ez, ey, e = (0,) * (3 - len(ex)) + tuple(ex)
-        factors[j, e] = zc ** ez * yc ** ey
-    xs = map_coordinates(shape3[2]).astype(np.float32)
+        factors[j, e] = zp[:, ez, None] * yp[None, :, ey]
+    xs = _axis_powers(shape3[2], 1, 2)[:, 1].astype(np.float32)
     factors.flags.writeable = False
     return factors, xs
 

@@ -29,7 +29,6 @@ import functools
 import math
 
 import numba
-
 import numpy as np
 from numba import njit, prange
 
