@@ -279,13 +279,15 @@ def test_ncc_kernels_match_the_array_api_linearisation(shape, degree, bias_order
 
 
 @pytest.mark.parametrize("shape", [(150, 131), (30, 27, 25)])
-@pytest.mark.parametrize("degree,order", [(1, 0), (2, 2), (3, 1)])
-def test_map_moments_kernel_matches_the_array_api_fit(shape, degree, order, monkeypatch):
-    """The intensity map's normal equations summed by the numba pass give the reference's coefficients."""
+@pytest.mark.parametrize("degree,order,cutoff", [(1, 0, None), (2, 2, None), (3, 1, None), (2, 2, 0.05),
+                                                 (1, 1, 0.02)])
+def test_map_moments_kernel_matches_the_array_api_fit(shape, degree, order, cutoff, monkeypatch):
+    """The intensity map's normal equations summed by the numba pass give the reference's coefficients,
+    reweighted (robust) or not."""
     rng = np.random.default_rng(11)
     W = rng.random(shape).astype(np.float32)
     F = (np.linspace(0.8, 1.2, shape[-1]) * W ** 0.7 + 0.1 * rng.random(shape)).astype(np.float32)
-    fused = data_terms.intensity_map_coefficients(F, W, len(shape), degree, order=order)
+    fused = data_terms.intensity_map_coefficients(F, W, len(shape), degree, order=order, cutoff=cutoff)
     monkeypatch.setattr(data_terms, "takes_kernel", lambda *a: False)
-    ref = data_terms.intensity_map_coefficients(F, W, len(shape), degree, order=order)
+    ref = data_terms.intensity_map_coefficients(F, W, len(shape), degree, order=order, cutoff=cutoff)
     np.testing.assert_allclose(fused, ref, rtol=1e-7, atol=1e-9)

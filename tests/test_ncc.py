@@ -85,20 +85,22 @@ def _spatial_basis(shape, order):
     return [y ** i * x ** j for i in range(order + 1) for j in range(order + 1 - i)]
 
 
-@pytest.mark.parametrize("theta,degree,bias_order", [(0.3, 1, 0), (2.0, 1, 0), (0.3, 2, 0), (2.0, 2, 0),
-                                                     (0.3, 2, 2), (2.0, 1, 1)])
-def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order):
+@pytest.mark.parametrize("theta,degree,bias_order,robust", [(0.3, 1, 0, None), (2.0, 1, 0, 0.4), (0.3, 2, 0, None),
+                                                            (2.0, 2, 0, 0.4), (0.3, 2, 2, 0.4), (2.0, 1, 1, None),
+                                                            (0.3, 2, 1, 0.15)])
+def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order, robust):
     """The u-step on the prepared (standardised) images minimises |rho(u)| + theta/2 |v - u|^2 per voxel,
     rho built here from scratch: a (p(x, W) + p'(x, W) g.(u - u_w)) + b - F with W the warped
     standardised moving image, g its gradient, p the global map (a polynomial in W whose coefficients
-    are polynomials of the coordinates of order ``bias_order``) and (a, b) the local fit of F on p(x, W),
-    all frozen within the warp."""
+    are polynomials of the coordinates of order ``bias_order``, fitted by least squares or, with ``robust``,
+    reweighted by Tukey's biweight of the residuals) and (a, b) the local fit of F on p(x, W), all frozen
+    within the warp."""
     rng = np.random.default_rng(2)
     f = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
     m = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
     uw = rng.normal(0, 0.5, (2, 20, 18))
     v = uw + rng.normal(0, 0.3, (2, 20, 18))
-    term = NCC(window=7, degree=degree, bias_order=bias_order)  # any window: the step is the same closed form
+    term = NCC(window=7, degree=degree, bias_order=bias_order, robust=robust)  # any window: the same closed form
     f_s, m_s = term.prepare(f, m, 2)
     u = term.step(v, term.linearise(f_s, m_s, uw, 2), theta)
     warped = warp(m_s, uw)
@@ -106,7 +108,12 @@ def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order):
     # p from the normal equations solved here by lstsq, on every voxel (the term subsamples larger images)
     phis = _spatial_basis(warped.shape, bias_order)
     cols = [phi * warped ** k for k in range(degree + 1) for phi in phis]
-    coef = np.linalg.lstsq(np.stack([c.ravel() for c in cols], 1), f_s.ravel(), rcond=None)[0]
+    X, y = np.stack([c.ravel() for c in cols], 1), f_s.ravel()
+    coef = np.linalg.lstsq(X, y, rcond=None)[0]
+    for _ in range(data_terms._ROBUST_REFITS if robust else 0):  # iteratively reweighted least squares
+        r = (y - X @ coef) / (robust * term.scale)
+        wt = np.sqrt(np.maximum(np.clip(1 - r ** 2, 0, None) ** 2, data_terms._ROBUST_FLOOR))
+        coef = np.linalg.lstsq(X * wt[:, None], y * wt, rcond=None)[0]
     c_k = [sum(coef[k * len(phis) + j] * phi for j, phi in enumerate(phis)) for k in range(degree + 1)]
     mapped = sum(c * warped ** k for k, c in enumerate(c_k))
     slope = sum(k * c * warped ** (k - 1) for k, c in enumerate(c_k) if k)
@@ -162,6 +169,33 @@ def test_global_intensity_map_recovers_a_spatially_varying_relation(shape):
     xpow = np.stack([xs.astype(np.float64) ** e for e in range(rows.shape[1])])  # (order + 1, nx)
     fields = np.einsum("kezy,ex->kzyx", rows.astype(np.float64), xpow).reshape((3,) + shape)
     np.testing.assert_allclose(fields, np.stack(c), atol=2e-4)
+
+
+@pytest.mark.parametrize("shape", [(150, 130), (40, 36, 30)])
+def test_robust_map_fit_ignores_a_structure_that_is_not_aligned(shape):
+    """F = p(x, W) except in a central block, a third of each axis, where F is brighter by 0.5 (a
+    structure that the motion has not brought into place yet): least squares bends the map towards it;
+    the biweighted fit recovers p's coefficients as if the block were not there."""
+    rng = np.random.default_rng(12)
+    W = rng.random(shape).astype(np.float32)
+    t = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    F = ((0.2 + 0.3 * t[0]) + (1.0 + 0.4 * t[-1]) * W - 0.5 * W ** 2).astype(np.float32)
+    F_out = F.copy()
+    F_out[tuple(slice(n // 3, 2 * n // 3) for n in shape)] += 0.5
+    truth = data_terms.intensity_map_coefficients(F, W, len(shape), 2, order=2)
+    plain = data_terms.intensity_map_coefficients(F_out, W, len(shape), 2, order=2)
+    robust = data_terms.intensity_map_coefficients(F_out, W, len(shape), 2, order=2, cutoff=0.1)
+    assert np.abs(plain - truth).max() > 0.1
+    np.testing.assert_allclose(robust, truth, atol=2e-3)
+    np.testing.assert_allclose(data_terms.intensity_map_coefficients(F, W, len(shape), 2, order=2, cutoff=0.1),
+                               truth, atol=1e-6)  # exact data: every weight is 1
+
+
+def test_ncc_robust_is_validated():
+    for bad in (0, -0.1, "x"):
+        with pytest.raises(ValueError, match="robust"):
+            NCC(robust=bad)
+    assert NCC(robust=None).robust is None
 
 
 def test_ncc_degree_and_bias_order_are_validated():

@@ -206,6 +206,9 @@ def _coarse_fit(blocks, sigma: float, ndim: int, ridge: float):
 
 #: voxels at least in the regular subsample that :func:`intensity_map_coefficients` fits on
 _MAP_SAMPLES = 2048
+#: reweighted refits of :func:`intensity_map_coefficients` with a ``cutoff``, and the weight floor that
+#: keeps its normal equations regular where every sample is an outlier (then: least squares again)
+_ROBUST_REFITS, _ROBUST_FLOOR = 3, 1e-3
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,7 +252,8 @@ def _basis_images(shape: tuple, ndim: int, exponents: tuple, stride: int) -> np.
     return out
 
 
-def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=None, order: int = 0) -> np.ndarray:
+def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=None, order: int = 0,
+                               cutoff: float | None = None) -> np.ndarray:
     """The least-squares map ``p(x, w) = sum_k c_k(x) w^k`` with ``fixed ~ p(x, warped)``: a polynomial
     of degree ``degree`` in the intensity whose coefficients ``c_k`` are polynomials of total degree
     ``order`` in the normalised coordinates (:func:`map_basis`; ``order=0``: one global polynomial).
@@ -266,44 +270,68 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
     on a regular subsample of at least ``_MAP_SAMPLES`` voxels (inside ``support``, ``(*spatial)`` of
     0/1, where given), copied to the host and solved there in float64 with a small ridge; an image of
     zeros (a constant one after :class:`NCC`'s standardisation) gives ``p`` constant in ``w``.
+
+    ``cutoff`` (intensity units of ``fixed``): then the least-squares fit is refitted ``_ROBUST_REFITS``
+    times with Tukey's biweight ``(1 - (r / cutoff)^2)^2`` of its residuals ``r`` (zero beyond the cutoff;
+    iteratively reweighted least squares, Holland and Welsch, "Robust regression using iteratively
+    reweighted least-squares", Commun. Statist. 1977), so that structures that are not aligned yet (a
+    large motion) do not bend the map towards them; ``None``: least squares.
     """
     lead = warped.ndim - ndim
     spatial = tuple(warped.shape[lead:])
     stride = max(1, int((math.prod(spatial) / _MAP_SAMPLES) ** (1.0 / ndim)))
     grid = (...,) + (slice(None, None, stride),) * ndim
     pair, inner = _moment_index(ndim, order)
-    if takes_kernel(warped, ndim - 1) and support is None and warped.dtype == np.float32 == fixed.dtype:
-        from . import kernels
-
-        strides, pows, exps = _kernel_grid(spatial, ndim, order, stride)
-        moments, cross = kernels.map_moments(np.ascontiguousarray(fixed), np.ascontiguousarray(warped),
-                                             strides, pows, exps, inner, degree)
-        batch = ()
-    else:  # the reference: any backend, batched, with a support
-        w = to_numpy(warped[grid]).astype(np.float64)
-        f = to_numpy(fixed[grid]).astype(np.float64)
-        batch, m = w.shape[:lead], math.prod(w.shape[lead:])
-        w, f = w.reshape(batch + (1, m)), f.reshape(batch + (1, m))
-        # normal equations from moments, sums only (no BLAS, whose threads stall on a busy machine):
-        # gram[(k, i), (l, j)] = sum s basis_i basis_j w^(k + l), the moment of the monomial basis_i basis_j
-        mono = _basis_images(spatial, ndim, map_basis(ndim, 2 * order), stride).reshape(-1, m)  # (n_mono, m)
-        if support is not None:
-            mono = mono * to_numpy(support[grid]).astype(np.float64).reshape(1, m)
-        powers = [np.ones_like(w)]
-        for _ in range(2 * degree):
-            powers.append(powers[-1] * w)
-        powers = np.concatenate(powers, axis=-2)  # (*batch, 2 degree + 1, m)
-        moments = (powers[..., :, None, :] * mono).sum(-1)  # (*batch, 2 degree + 1, n_mono)
-        cross = ((f * powers[..., :degree + 1, :])[..., :, None, :] * mono[inner]).sum(-1)  # (*batch, degree + 1, nb)
+    fused = takes_kernel(warped, ndim - 1) and support is None and warped.dtype == np.float32 == fixed.dtype
+    w = to_numpy(warped[grid]).astype(np.float64)  # (*batch, *sub)
+    f = to_numpy(fixed[grid]).astype(np.float64)
+    batch, sub = w.shape[:lead], w.shape[lead:]
+    m = math.prod(sub)
+    s = np.ones(sub) if support is None else to_numpy(support[grid]).astype(np.float64)  # (*sub), 0/1
     k = np.arange(degree + 1)
     nb = len(inner)
-    gram = moments[..., k[:, None, None, None] + k[None, None, :, None], pair[None, :, None, :]]
     n = (degree + 1) * nb
-    gram = gram.reshape(batch + (n, n))
-    diag = np.einsum("...ii->...i", gram)
-    gram = gram + np.eye(n) * (1e-10 * diag.max(axis=-1, keepdims=True)[..., None] + 1e-30)
-    coef = np.linalg.solve(gram, cross.reshape(batch + (n, 1)))[..., 0]
-    return coef.reshape(batch + (degree + 1, nb))
+    if not fused:
+        mono = _basis_images(spatial, ndim, map_basis(ndim, 2 * order), stride).reshape(-1, m)  # (n_mono, m)
+        powers = [np.ones(batch + (1, m))]
+        for _ in range(2 * degree):
+            powers.append(powers[-1] * w.reshape(batch + (1, m)))
+        powers = np.concatenate(powers, axis=-2)  # (*batch, 2 degree + 1, m)
+        fpowers = f.reshape(batch + (1, m)) * powers[..., :degree + 1, :]
+
+    def fit(weight):  # weight: (*batch, *sub), or None for the support alone
+        if fused:
+            from . import kernels
+
+            strides, pows, exps = _kernel_grid(spatial, ndim, order, stride)
+            moments, cross = kernels.map_moments(np.ascontiguousarray(fixed), np.ascontiguousarray(warped),
+                                                 strides, pows, exps, inner, degree, weight)
+        else:  # the reference: any backend, batched, with a support
+            # normal equations from moments, sums only (no BLAS, whose threads stall on a busy machine):
+            # gram[(k, i), (l, j)] = sum s basis_i basis_j w^(k + l), the moment of the monomial basis_i basis_j
+            sw = s.reshape(1, m) if weight is None else weight.reshape(batch + (1, m))
+            moments = ((powers * sw)[..., :, None, :] * mono).sum(-1)  # (*batch, 2 degree + 1, n_mono)
+            cross = ((fpowers * sw)[..., :, None, :] * mono[inner]).sum(-1)  # (*batch, degree + 1, nb)
+        gram = moments[..., k[:, None, None, None] + k[None, None, :, None], pair[None, :, None, :]]
+        gram = gram.reshape(batch + (n, n))
+        diag = np.einsum("...ii->...i", gram)
+        gram = gram + np.eye(n) * (1e-10 * diag.max(axis=-1, keepdims=True)[..., None] + 1e-30)
+        coef = np.linalg.solve(gram, cross.reshape(batch + (n, 1)))[..., 0]
+        return coef.reshape(batch + (degree + 1, nb))
+
+    coef = fit(None)
+    if cutoff is not None:
+        basis = _basis_images(spatial, ndim, map_basis(ndim, order), stride).reshape(nb, m)  # (nb, m)
+        wf, ff = w.reshape(batch + (m,)), f.reshape(batch + (m,))
+        for _ in range(_ROBUST_REFITS):
+            c = coef @ basis  # (*batch, degree + 1, m): c_k at the samples
+            p = c[..., degree, :]
+            for j in range(degree - 1, -1, -1):
+                p = p * wf + c[..., j, :]
+            r = (ff - p) / cutoff
+            weight = np.maximum(np.square(np.clip(1.0 - r * r, 0.0, None)), _ROBUST_FLOOR) * s.reshape(m)
+            coef = fit(weight.reshape(batch + sub))
+    return coef
 
 
 @functools.lru_cache(maxsize=64)
@@ -435,6 +463,9 @@ class NCC:
     bias_order : the total degree of the global map's coefficients as polynomials of the normalised
         coordinates: 2 absorbs a smooth (quadratic) bias field; 0: one map for the whole image.
     floor : the local fit's ridge, as a fraction of the images' standard deviation (flat regions give a -> 0).
+    robust : the global map's fit is reweighted by Tukey's biweight with this cutoff, a fraction of the
+        images' standard deviation (:func:`intensity_map_coefficients`' ``cutoff``): residuals beyond it (a
+        structure not aligned yet) do not pull the map; ``None``: least squares.
     eps : as :class:`L1`, keeps flat regions finite in the step.
     """
 
@@ -442,6 +473,7 @@ class NCC:
     degree: int = 2
     bias_order: int = 2
     floor: float = 0.1
+    robust: float | None = 0.4
     eps: float = 1e-6
     name = "ncc"
     weights = Weights(theta=0.1, lam=0.14, refine_lam=0.04)
@@ -458,6 +490,9 @@ class NCC:
                 raise ValueError(f"ncc {name} must be an integer {lo}..{hi}, got {val!r}")
         if not (isinstance(self.floor, (int, float)) and self.floor >= 0):
             raise ValueError(f"ncc floor must be >= 0, got {self.floor!r}")
+        if self.robust is not None and not (isinstance(self.robust, (int, float)) and self.robust > 0):
+            raise ValueError(f"ncc robust must be a positive fraction of the standard deviation or None, "
+                             f"got {self.robust!r}")
 
     def prepare(self, fixed, moving, ndim: int):
         """Each image standardised globally to mean 0 and standard deviation :attr:`scale` (a constant
@@ -471,7 +506,8 @@ class NCC:
         shortest = min(fixed.shape[fixed.ndim - ndim:])
         window = min(self.default_window if self.window is None else self.window, shortest)
         ridge = (self.floor * self.scale) ** 2
-        coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order)
+        cutoff = None if self.robust is None else self.robust * self.scale
+        coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order, cutoff)
         if takes_kernel(g, ndim) and support is None and warped.dtype == np.float32:
             # fused: the block statistics of p(x, W), and the combination below, each one numba pass
             from . import kernels

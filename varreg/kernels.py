@@ -734,7 +734,7 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
 
 # --------------------------------------------------------- NCC: local affine fit after a global map
 @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-def _map_moments(fixed, warped, sz, sy, sx, zpow, ypow, xpow, exps, inner, degree, moments, cross):
+def _map_moments(fixed, warped, weight, sz, sy, sx, zpow, ypow, xpow, exps, inner, degree, moments, cross):
     npow = moments.shape[0]
     ne = xpow.shape[1]
     row = np.empty((npow, ne))  # sum over a row of xpow[x, e] w^p, and of f xpow[x, e] w^p
@@ -746,7 +746,7 @@ def _map_moments(fixed, warped, sz, sy, sx, zpow, ypow, xpow, exps, inner, degre
             for ix in range(xpow.shape[0]):
                 w = np.float64(warped[iz * sz, iy * sy, ix * sx])
                 f = np.float64(fixed[iz * sz, iy * sy, ix * sx])
-                pw = 1.0
+                pw = weight[iz, iy, ix]
                 for p in range(npow):
                     for e in range(ne):
                         row[p, e] += xpow[ix, e] * pw
@@ -766,18 +766,21 @@ def _map_moments(fixed, warped, sz, sy, sx, zpow, ypow, xpow, exps, inner, degre
 
 
 def map_moments(fixed: np.ndarray, warped: np.ndarray, strides, pows, exps: np.ndarray, inner: np.ndarray,
-                degree: int):
+                degree: int, weight: np.ndarray | None = None):
     """The sums that the normal equations of :func:`varreg.data_terms.intensity_map_coefficients` need,
     over the voxels ``[::strides[0], ::strides[1], ::strides[2]]`` of ``fixed``, ``warped`` (``(*spatial)``
     float32, 2-D or 3-D, taken as ``(1, ny, nx)`` in 2-D), in one serial pass (a fixed order:
-    reproducible): ``moments[p, j] = sum m_j w^p`` for ``p <= 2 degree`` and ``cross[p, i] = sum f
+    reproducible): ``moments[p, j] = sum s m_j w^p`` for ``p <= 2 degree`` and ``cross[p, i] = sum s f
     m_inner[i] w^p`` for ``p <= degree``, float64. ``m_j = pows[0][iz, exps[j, 0]] pows[1][iy, exps[j, 1]]
     pows[2][ix, exps[j, 2]]``: ``pows`` the powers of each axis' coordinate at the sampled voxels
-    (``(n_sampled, max_exponent + 1)`` float64), ``exps`` ``(n_mono, 3)`` int64."""
+    (``(n_sampled, max_exponent + 1)`` float64), ``exps`` ``(n_mono, 3)`` int64. ``s``: ``weight``, one
+    per sampled voxel (the subsample's shape), or 1."""
     f3 = fixed.reshape((1,) * (3 - fixed.ndim) + fixed.shape)
+    sub = tuple(p.shape[0] for p in pows)
+    weight = np.ones(sub) if weight is None else np.ascontiguousarray(weight, np.float64).reshape(sub)
     moments = np.zeros((2 * degree + 1, exps.shape[0]))
     cross = np.zeros((degree + 1, len(inner)))
-    _map_moments(f3, warped.reshape(f3.shape), *strides, *pows, exps, inner, int(degree), moments, cross)
+    _map_moments(f3, warped.reshape(f3.shape), weight, *strides, *pows, exps, inner, int(degree), moments, cross)
     return moments, cross
 
 
