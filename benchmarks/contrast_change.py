@@ -90,8 +90,8 @@ def print_table(rows, n_pairs, seeds):
 
 
 def grid(pairs, seeds):
-    """NCC weights (theta = lam scale c, refine_lam), window, floor and the global map's bias order
-    around the default."""
+    """NCC weights (theta = lam scale c, refine_lam), window, floor, the global map's bias order and its
+    robust cutoff around the default."""
     from varreg.data_terms import NCC
 
     w = NCC.weights
@@ -108,12 +108,14 @@ def grid(pairs, seeds):
         points.append(dict(bias_order=bias_order))
     for floor in (0.03, 0.3):
         points.append(dict(floor=floor))
+    for robust in (None, 0.8):
+        points.append(dict(robust=robust))
     fns = {}
     for p in points:
-        term_keys = ("window", "floor", "bias_order")
+        term_keys = ("window", "floor", "bias_order", "robust")
         term = {k: p[k] for k in term_keys if k in p}
         solver = {k: v for k, v in p.items() if k not in term_keys}
-        label = ", ".join(f"{k}={v:g}" for k, v in p.items()) or "default"
+        label = ", ".join(f"{k}={v}" if v is None else f"{k}={v:g}" for k, v in p.items()) or "default"
         fns[label] = (lambda f, m, t=NCC(**term), s=solver:
                       varreg.register(f, m, data_term=t, **s).displacement)
     rows = evaluate(pairs, fns, seeds, "ncc grid")
@@ -127,7 +129,8 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=1, help="every N-th patient")
     ap.add_argument("--seeds", type=int, default=3, help="contrast changes per pair")
     ap.add_argument("--peers", default="skimage,ants", help="comma list of skimage, ants (when installed)")
-    ap.add_argument("--grid", action="store_true", help="search the NCC weights, window, floor and bias order instead")
+    ap.add_argument("--grid", action="store_true",
+                    help="search the NCC weights, window, floor, bias order and robust cutoff instead")
     args = ap.parse_args(argv)
     ids, pairs = load_pairs(args.data, args.split, args.every)
     seeds = range(args.seeds)
