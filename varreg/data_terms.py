@@ -283,54 +283,53 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
     grid = (...,) + (slice(None, None, stride),) * ndim
     pair, inner = _moment_index(ndim, order)
     fused = takes_kernel(warped, ndim - 1) and support is None and warped.dtype == np.float32 == fixed.dtype
-    w = to_numpy(warped[grid]).astype(np.float64)  # (*batch, *sub)
-    f = to_numpy(fixed[grid]).astype(np.float64)
-    batch, sub = w.shape[:lead], w.shape[lead:]
-    m = math.prod(sub)
-    s = np.ones(sub) if support is None else to_numpy(support[grid]).astype(np.float64)  # (*sub), 0/1
     k = np.arange(degree + 1)
     nb = len(inner)
     n = (degree + 1) * nb
-    if not fused:
-        mono = _basis_images(spatial, ndim, map_basis(ndim, 2 * order), stride).reshape(-1, m)  # (n_mono, m)
-        powers = [np.ones(batch + (1, m))]
-        for _ in range(2 * degree):
-            powers.append(powers[-1] * w.reshape(batch + (1, m)))
-        powers = np.concatenate(powers, axis=-2)  # (*batch, 2 degree + 1, m)
-        fpowers = f.reshape(batch + (1, m)) * powers[..., :degree + 1, :]
 
-    def fit(weight):  # weight: (*batch, *sub), or None for the support alone
-        if fused:
-            from . import kernels
-
-            strides, pows, exps = _kernel_grid(spatial, ndim, order, stride)
-            moments, cross = kernels.map_moments(np.ascontiguousarray(fixed), np.ascontiguousarray(warped),
-                                                 strides, pows, exps, inner, degree, weight)
-        else:  # the reference: any backend, batched, with a support
-            # normal equations from moments, sums only (no BLAS, whose threads stall on a busy machine):
-            # gram[(k, i), (l, j)] = sum s basis_i basis_j w^(k + l), the moment of the monomial basis_i basis_j
-            sw = s.reshape(1, m) if weight is None else weight.reshape(batch + (1, m))
-            moments = ((powers * sw)[..., :, None, :] * mono).sum(-1)  # (*batch, 2 degree + 1, n_mono)
-            cross = ((fpowers * sw)[..., :, None, :] * mono[inner]).sum(-1)  # (*batch, degree + 1, nb)
+    def solve(moments, cross):
         gram = moments[..., k[:, None, None, None] + k[None, None, :, None], pair[None, :, None, :]]
-        gram = gram.reshape(batch + (n, n))
+        gram = gram.reshape(gram.shape[:-4] + (n, n))
         diag = np.einsum("...ii->...i", gram)
         gram = gram + np.eye(n) * (1e-10 * diag.max(axis=-1, keepdims=True)[..., None] + 1e-30)
-        coef = np.linalg.solve(gram, cross.reshape(batch + (n, 1)))[..., 0]
-        return coef.reshape(batch + (degree + 1, nb))
+        coef = np.linalg.solve(gram, cross.reshape(cross.shape[:-2] + (n, 1)))[..., 0]
+        return coef.reshape(cross.shape[:-2] + (degree + 1, nb))
 
-    coef = fit(None)
-    if cutoff is not None:
-        basis = _basis_images(spatial, ndim, map_basis(ndim, order), stride).reshape(nb, m)  # (nb, m)
-        wf, ff = w.reshape(batch + (m,)), f.reshape(batch + (m,))
-        for _ in range(_ROBUST_REFITS):
-            c = coef @ basis  # (*batch, degree + 1, m): c_k at the samples
-            p = c[..., degree, :]
-            for j in range(degree - 1, -1, -1):
-                p = p * wf + c[..., j, :]
-            r = (ff - p) / cutoff
-            weight = np.maximum(np.square(np.clip(1.0 - r * r, 0.0, None)), _ROBUST_FLOOR) * s.reshape(m)
-            coef = fit(weight.reshape(batch + sub))
+    refits = _ROBUST_REFITS if cutoff is not None else 0
+    if fused:  # the numba pass; with a cutoff it weights each sample by the previous map's residual
+        from . import kernels
+
+        strides, pows, exps = _kernel_grid(spatial, ndim, order, stride)
+        f, w = np.ascontiguousarray(fixed), np.ascontiguousarray(warped)
+        coef = solve(*kernels.map_moments(f, w, strides, pows, exps, inner, degree))
+        for _ in range(refits):
+            coef = solve(*kernels.map_moments(f, w, strides, pows, exps, inner, degree, coef, cutoff,
+                                              _ROBUST_FLOOR))
+        return coef
+    # the reference: any backend, batched, with a support
+    w = to_numpy(warped[grid]).astype(np.float64)  # (*batch, *sub)
+    f = to_numpy(fixed[grid]).astype(np.float64)
+    batch, m = w.shape[:lead], math.prod(w.shape[lead:])
+    w, f = w.reshape(batch + (1, m)), f.reshape(batch + (1, m))
+    # normal equations from moments, sums only (no BLAS, whose threads stall on a busy machine):
+    # gram[(k, i), (l, j)] = sum s basis_i basis_j w^(k + l), the moment of the monomial basis_i basis_j
+    mono = _basis_images(spatial, ndim, map_basis(ndim, 2 * order), stride).reshape(-1, m)  # (n_mono, m)
+    s = np.ones((1, m)) if support is None else to_numpy(support[grid]).astype(np.float64).reshape(1, m)
+    powers = [np.ones_like(w)]
+    for _ in range(2 * degree):
+        powers.append(powers[-1] * w)
+    powers = np.concatenate(powers, axis=-2)  # (*batch, 2 degree + 1, m)
+    fpowers = f * powers[..., :degree + 1, :]
+    weight = s
+    for it in range(refits + 1):
+        if it:  # Tukey's biweight of the previous map's residuals
+            c = coef @ mono[inner]  # (*batch, degree + 1, m): c_k at the samples
+            p = (c * powers[..., :degree + 1, :]).sum(-2, keepdims=True)
+            t = np.clip(1.0 - np.square((f - p) / cutoff), 0.0, None)
+            weight = np.maximum(t * t, _ROBUST_FLOOR) * s
+        moments = ((powers * weight)[..., :, None, :] * mono).sum(-1)  # (*batch, 2 degree + 1, n_mono)
+        cross = ((fpowers * weight)[..., :, None, :] * mono[inner]).sum(-1)  # (*batch, degree + 1, nb)
+        coef = solve(moments, cross)
     return coef
 
 
@@ -464,8 +463,9 @@ class NCC:
         coordinates: 2 absorbs a smooth (quadratic) bias field; 0: one map for the whole image.
     floor : the local fit's ridge, as a fraction of the images' standard deviation (flat regions give a -> 0).
     robust : the global map's fit is reweighted by Tukey's biweight with this cutoff, a fraction of the
-        images' standard deviation (:func:`intensity_map_coefficients`' ``cutoff``): residuals beyond it (a
-        structure not aligned yet) do not pull the map; ``None``: least squares.
+        images' standard deviation (:func:`intensity_map_coefficients`' ``cutoff``; 0.4 measured in
+        docs/bench.md): residuals beyond it (a structure not aligned yet, a large motion) do not pull the
+        map, at three more passes of the fit per warp; ``None`` (the default): least squares.
     eps : as :class:`L1`, keeps flat regions finite in the step.
     """
 
@@ -473,7 +473,7 @@ class NCC:
     degree: int = 2
     bias_order: int = 2
     floor: float = 0.1
-    robust: float | None = 0.4
+    robust: float | None = None
     eps: float = 1e-6
     name = "ncc"
     weights = Weights(theta=0.1, lam=0.14, refine_lam=0.04)

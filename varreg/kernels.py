@@ -734,19 +734,37 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
 
 # --------------------------------------------------------- NCC: local affine fit after a global map
 @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-def _map_moments(fixed, warped, weight, sz, sy, sx, zpow, ypow, xpow, exps, inner, degree, moments, cross):
+def _map_moments(fixed, warped, coef, cutoff, low, sz, sy, sx, zpow, ypow, xpow, exps, inner, degree, moments, cross):
     npow = moments.shape[0]
     ne = xpow.shape[1]
     row = np.empty((npow, ne))  # sum over a row of xpow[x, e] w^p, and of f xpow[x, e] w^p
     rowf = np.empty((degree + 1, ne))
+    crow = np.empty((degree + 1, ne))
     for iz in range(zpow.shape[0]):
         for iy in range(ypow.shape[0]):
             row[:] = 0.0
             rowf[:] = 0.0
+            if cutoff > 0.0:  # the map's coefficients along this row, per power of x
+                crow[:] = 0.0
+                for i in range(inner.shape[0]):
+                    j = inner[i]
+                    zy = zpow[iz, exps[j, 0]] * ypow[iy, exps[j, 1]]
+                    for k in range(degree + 1):
+                        crow[k, exps[j, 2]] += coef[k, i] * zy
             for ix in range(xpow.shape[0]):
                 w = np.float64(warped[iz * sz, iy * sy, ix * sx])
                 f = np.float64(fixed[iz * sz, iy * sy, ix * sx])
-                pw = weight[iz, iy, ix]
+                pw = 1.0
+                if cutoff > 0.0:  # Tukey's biweight of the residual of the map ``coef``
+                    p = 0.0
+                    for k in range(degree, -1, -1):
+                        ck = 0.0
+                        for e in range(ne):
+                            ck += crow[k, e] * xpow[ix, e]
+                        p = p * w + ck
+                    r = (f - p) / cutoff
+                    t = 1.0 - r * r
+                    pw = max(t * t if t > 0.0 else 0.0, low)
                 for p in range(npow):
                     for e in range(ne):
                         row[p, e] += xpow[ix, e] * pw
@@ -766,21 +784,22 @@ def _map_moments(fixed, warped, weight, sz, sy, sx, zpow, ypow, xpow, exps, inne
 
 
 def map_moments(fixed: np.ndarray, warped: np.ndarray, strides, pows, exps: np.ndarray, inner: np.ndarray,
-                degree: int, weight: np.ndarray | None = None):
+                degree: int, coef: np.ndarray | None = None, cutoff: float = 0.0, low: float = 0.0):
     """The sums that the normal equations of :func:`varreg.data_terms.intensity_map_coefficients` need,
     over the voxels ``[::strides[0], ::strides[1], ::strides[2]]`` of ``fixed``, ``warped`` (``(*spatial)``
     float32, 2-D or 3-D, taken as ``(1, ny, nx)`` in 2-D), in one serial pass (a fixed order:
     reproducible): ``moments[p, j] = sum s m_j w^p`` for ``p <= 2 degree`` and ``cross[p, i] = sum s f
     m_inner[i] w^p`` for ``p <= degree``, float64. ``m_j = pows[0][iz, exps[j, 0]] pows[1][iy, exps[j, 1]]
     pows[2][ix, exps[j, 2]]``: ``pows`` the powers of each axis' coordinate at the sampled voxels
-    (``(n_sampled, max_exponent + 1)`` float64), ``exps`` ``(n_mono, 3)`` int64. ``s``: ``weight``, one
-    per sampled voxel (the subsample's shape), or 1."""
+    (``(n_sampled, max_exponent + 1)`` float64), ``exps`` ``(n_mono, 3)`` int64. ``s``: 1, or with a
+    ``cutoff > 0`` Tukey's biweight ``max((1 - (r / cutoff)^2)_+^2, low)`` of the residual ``r = f - p(x,
+    w)`` of the map ``coef`` (``(degree + 1, len(inner))``, as the fit returns it)."""
     f3 = fixed.reshape((1,) * (3 - fixed.ndim) + fixed.shape)
-    sub = tuple(p.shape[0] for p in pows)
-    weight = np.ones(sub) if weight is None else np.ascontiguousarray(weight, np.float64).reshape(sub)
+    coef = np.zeros((degree + 1, len(inner))) if coef is None else np.ascontiguousarray(coef, np.float64)
     moments = np.zeros((2 * degree + 1, exps.shape[0]))
     cross = np.zeros((degree + 1, len(inner)))
-    _map_moments(f3, warped.reshape(f3.shape), weight, *strides, *pows, exps, inner, int(degree), moments, cross)
+    _map_moments(f3, warped.reshape(f3.shape), coef, float(cutoff), float(low), *strides, *pows, exps, inner,
+                 int(degree), moments, cross)
     return moments, cross
 
 
