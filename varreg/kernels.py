@@ -734,7 +734,8 @@ def quadratic_cg(u: np.ndarray, x: np.ndarray, weight: float, n_iter: int, spaci
 
 # --------------------------------------------------------- NCC: local affine fit after a global map
 @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-def _map_moments(fixed, warped, coef, cutoff, low, sz, sy, sx, zpow, ypow, xpow, exps, inner, degree, moments, cross):
+def _map_moments(fixed, warped, coef, cutoff, low, sz, sy, sx, zpow, ypow, xpow, exps, inner, degree, moments,
+                 cross):
     npow = moments.shape[0]
     ne = xpow.shape[1]
     row = np.empty((npow, ne))  # sum over a row of xpow[x, e] w^p, and of f xpow[x, e] w^p
@@ -756,13 +757,13 @@ def _map_moments(fixed, warped, coef, cutoff, low, sz, sy, sx, zpow, ypow, xpow,
                 f = np.float64(fixed[iz * sz, iy * sy, ix * sx])
                 pw = 1.0
                 if cutoff > 0.0:  # Tukey's biweight of the residual of the map ``coef``
-                    p = 0.0
+                    mapped = 0.0
                     for k in range(degree, -1, -1):
                         ck = 0.0
                         for e in range(ne):
                             ck += crow[k, e] * xpow[ix, e]
-                        p = p * w + ck
-                    r = (f - p) / cutoff
+                        mapped = mapped * w + ck
+                    r = (f - mapped) / cutoff
                     t = 1.0 - r * r
                     pw = max(t * t if t > 0.0 else 0.0, low)
                 for p in range(npow):
