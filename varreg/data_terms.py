@@ -301,10 +301,10 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
 
         strides, pows, exps = _kernel_grid(spatial, ndim, order, stride)
         f, w = np.ascontiguousarray(fixed), np.ascontiguousarray(warped)
-        coef = solve(*kernels.map_moments(f, w, strides, pows, exps, inner, degree))
-        for _ in range(refits):
-            coef = solve(*kernels.map_moments(f, w, strides, pows, exps, inner, degree, coef, cutoff,
-                                              _ROBUST_FLOOR))
+        coef = None
+        for it in range(refits + 1):  # the first pass unweighted (cutoff 0)
+            coef = solve(*kernels.map_moments(f, w, strides, pows, exps, inner, degree, coef,
+                                              cutoff if it else 0.0, _ROBUST_FLOOR))
         return coef
     # the reference: any backend, batched, with a support
     w = to_numpy(warped[grid]).astype(np.float64)  # (*batch, *sub)
@@ -314,6 +314,7 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
     # normal equations from moments, sums only (no BLAS, whose threads stall on a busy machine):
     # gram[(k, i), (l, j)] = sum s basis_i basis_j w^(k + l), the moment of the monomial basis_i basis_j
     mono = _basis_images(spatial, ndim, map_basis(ndim, 2 * order), stride).reshape(-1, m)  # (n_mono, m)
+    basis = mono[inner]  # (nb, m): the map's spatial basis at the samples
     s = np.ones((1, m)) if support is None else to_numpy(support[grid]).astype(np.float64).reshape(1, m)
     powers = [np.ones_like(w)]
     for _ in range(2 * degree):
@@ -323,12 +324,12 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
     weight = s
     for it in range(refits + 1):
         if it:  # Tukey's biweight of the previous map's residuals
-            c = coef @ mono[inner]  # (*batch, degree + 1, m): c_k at the samples
+            c = coef @ basis  # (*batch, degree + 1, m): c_k at the samples
             p = (c * powers[..., :degree + 1, :]).sum(-2, keepdims=True)
             t = np.clip(1.0 - np.square((f - p) / cutoff), 0.0, None)
             weight = np.maximum(t * t, _ROBUST_FLOOR) * s
         moments = ((powers * weight)[..., :, None, :] * mono).sum(-1)  # (*batch, 2 degree + 1, n_mono)
-        cross = ((fpowers * weight)[..., :, None, :] * mono[inner]).sum(-1)  # (*batch, degree + 1, nb)
+        cross = ((fpowers * weight)[..., :, None, :] * basis).sum(-1)  # (*batch, degree + 1, nb)
         coef = solve(moments, cross)
     return coef
 
