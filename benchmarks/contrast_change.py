@@ -108,7 +108,7 @@ def grid(pairs, seeds):
         points.append(dict(bias_order=bias_order))
     for floor in (0.03, 0.3):
         points.append(dict(floor=floor))
-    for robust in (0.4, 0.8):
+    for robust in (None, 0.8):
         points.append(dict(robust=robust))
     fns = {}
     for p in points:

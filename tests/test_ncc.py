@@ -85,16 +85,18 @@ def _spatial_basis(shape, order):
     return [y ** i * x ** j for i in range(order + 1) for j in range(order + 1 - i)]
 
 
-@pytest.mark.parametrize("theta,degree,bias_order,robust", [(0.3, 1, 0, None), (2.0, 1, 0, 0.4), (0.3, 2, 0, None),
-                                                            (2.0, 2, 0, 0.4), (0.3, 2, 2, 0.4), (2.0, 1, 1, None),
-                                                            (0.3, 2, 1, 0.15)])
-def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order, robust):
+@pytest.mark.parametrize("theta,degree,bias_order,robust,warm",
+                         [(0.3, 1, 0, None, False), (2.0, 1, 0, 0.4, False), (0.3, 2, 0, None, False),
+                          (2.0, 2, 0, 0.4, False), (0.3, 2, 2, 0.4, False), (2.0, 1, 1, None, False),
+                          (0.3, 2, 1, 0.15, False), (0.3, 2, 2, 0.4, True), (2.0, 2, 1, 0.15, True)])
+def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order, robust, warm):
     """The u-step on the prepared (standardised) images minimises |rho(u)| + theta/2 |v - u|^2 per voxel,
     rho built here from scratch: a (p(x, W) + p'(x, W) g.(u - u_w)) + b - F with W the warped
     standardised moving image, g its gradient, p the global map (a polynomial in W whose coefficients
     are polynomials of the coordinates of order ``bias_order``, fitted by least squares or, with ``robust``,
     reweighted by Tukey's biweight of the residuals) and (a, b) the local fit of F on p(x, W), all frozen
-    within the warp."""
+    within the warp. ``warm``: the term has linearised once before (the same warp point, as if the
+    motion had not changed), so its reweighting goes on from that map by one more refit."""
     rng = np.random.default_rng(2)
     f = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
     m = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
@@ -102,6 +104,8 @@ def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order, robust):
     v = uw + rng.normal(0, 0.3, (2, 20, 18))
     term = NCC(window=7, degree=degree, bias_order=bias_order, robust=robust)  # any window: the same closed form
     f_s, m_s = term.prepare(f, m, 2)
+    if warm:
+        term.linearise(f_s, m_s, uw, 2)
     u = term.step(v, term.linearise(f_s, m_s, uw, 2), theta)
     warped = warp(m_s, uw)
     g = central_gradient(warped, 2)
@@ -110,7 +114,8 @@ def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order, robust):
     cols = [phi * warped ** k for k in range(degree + 1) for phi in phis]
     X, y = np.stack([c.ravel() for c in cols], 1), f_s.ravel()
     coef = np.linalg.lstsq(X, y, rcond=None)[0]
-    for _ in range(data_terms._ROBUST_REFITS if robust else 0):  # iteratively reweighted least squares
+    refits = (data_terms._ROBUST_REFITS + warm * data_terms._WARM_REFITS) if robust else 0
+    for _ in range(refits):  # iteratively reweighted least squares
         r = (y - X @ coef) / (robust * term.scale)
         wt = np.sqrt(np.maximum(np.clip(1 - r ** 2, 0, None) ** 2, data_terms._ROBUST_FLOOR))
         coef = np.linalg.lstsq(X * wt[:, None], y * wt, rcond=None)[0]
@@ -189,6 +194,22 @@ def test_robust_map_fit_ignores_a_structure_that_is_not_aligned(shape):
     np.testing.assert_allclose(robust, truth, atol=2e-3)
     np.testing.assert_allclose(data_terms.intensity_map_coefficients(F, W, len(shape), 2, order=2, cutoff=0.1),
                                truth, atol=1e-6)  # exact data: every weight is 1
+
+
+def test_ncc_robust_warm_start_lives_within_one_call():
+    """The previous warp's map is carried to the next warp of a level only: one ``NCC(robust=...)`` used
+    for two registrations (or for a pair after another) gives what a fresh one gives."""
+    rng = np.random.default_rng(5)
+    f = synthetic.smooth_random_image((48, 44), rng=rng)
+    m = synthetic.contrast_change(synthetic.smooth_random_image((48, 44), rng=rng), gamma=0.7)
+    term = NCC(window=9, robust=0.4)
+    first = varreg.register(f, m, data_term=term).displacement
+    assert term._maps  # the last warp's map is kept ...
+    varreg.register(m, f, data_term=term)  # ... and another pair in between changes nothing
+    np.testing.assert_array_equal(varreg.register(f, m, data_term=term).displacement, first)
+    np.testing.assert_array_equal(varreg.register(f, m, data_term=NCC(window=9, robust=0.4)).displacement, first)
+    term.reset()
+    assert not term._maps
 
 
 def test_ncc_robust_is_validated():

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -208,7 +208,7 @@ def _coarse_fit(blocks, sigma: float, ndim: int, ridge: float):
 _MAP_SAMPLES = 2048
 #: reweighted refits of :func:`intensity_map_coefficients` with a ``cutoff``, and the weight floor that
 #: keeps its normal equations regular where every sample is an outlier (then: least squares again)
-_ROBUST_REFITS, _ROBUST_FLOOR = 3, 1e-3
+_ROBUST_REFITS, _WARM_REFITS, _ROBUST_FLOOR = 3, 1, 1e-3
 
 
 @functools.lru_cache(maxsize=None)
@@ -253,7 +253,7 @@ def _basis_images(shape: tuple, ndim: int, exponents: tuple, stride: int) -> np.
 
 
 def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=None, order: int = 0,
-                               cutoff: float | None = None) -> np.ndarray:
+                               cutoff: float | None = None, start=None) -> np.ndarray:
     """The least-squares map ``p(x, w) = sum_k c_k(x) w^k`` with ``fixed ~ p(x, warped)``: a polynomial
     of degree ``degree`` in the intensity whose coefficients ``c_k`` are polynomials of total degree
     ``order`` in the normalised coordinates (:func:`map_basis`; ``order=0``: one global polynomial).
@@ -275,7 +275,10 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
     times with Tukey's biweight ``(1 - (r / cutoff)^2)^2`` of its residuals ``r`` (zero beyond the cutoff;
     iteratively reweighted least squares, Holland and Welsch, "Robust regression using iteratively
     reweighted least-squares", Commun. Statist. 1977), so that structures that are not aligned yet (a
-    large motion) do not bend the map towards them; ``None``: least squares.
+    large motion) do not bend the map towards them; ``None``: least squares. ``start`` (with a cutoff): the
+    coefficients of an earlier fit (as returned), whose residuals weight one refit only
+    (``_WARM_REFITS``), the least-squares pass and the rest skipped (:class:`NCC` passes the previous
+    warp's map: the reweighting then runs across the warps).
     """
     lead = warped.ndim - ndim
     spatial = tuple(warped.shape[lead:])
@@ -295,16 +298,17 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
         coef = np.linalg.solve(gram, cross.reshape(cross.shape[:-2] + (n, 1)))[..., 0]
         return coef.reshape(cross.shape[:-2] + (degree + 1, nb))
 
-    refits = _ROBUST_REFITS if cutoff is not None else 0
+    warm = cutoff is not None and start is not None
+    refits = 0 if cutoff is None else _WARM_REFITS if warm else _ROBUST_REFITS
     if fused:  # the numba pass; with a cutoff it weights each sample by the previous map's residual
         from . import kernels
 
         strides, pows, exps = _kernel_grid(spatial, ndim, order, stride)
         f, w = np.ascontiguousarray(fixed), np.ascontiguousarray(warped)
-        coef = None
-        for it in range(refits + 1):  # the first pass unweighted (cutoff 0)
+        coef = start if warm else None
+        for it in range(refits + (not warm)):  # a cold fit's first pass unweighted (cutoff 0)
             coef = solve(*kernels.map_moments(f, w, strides, pows, exps, inner, degree, coef,
-                                              cutoff if it else 0.0, _ROBUST_FLOOR))
+                                              cutoff if warm or it else 0.0, _ROBUST_FLOOR))
         return coef
     # the reference: any backend, batched, with a support
     w = to_numpy(warped[grid]).astype(np.float64)  # (*batch, *sub)
@@ -322,8 +326,9 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
     powers = np.concatenate(powers, axis=-2)  # (*batch, 2 degree + 1, m)
     fpowers = f * powers[..., :degree + 1, :]
     weight = s
-    for it in range(refits + 1):
-        if it:  # Tukey's biweight of the previous map's residuals
+    coef = np.asarray(start, np.float64) if warm else None
+    for it in range(refits + (not warm)):
+        if warm or it:  # Tukey's biweight of the previous map's residuals
             c = coef @ basis  # (*batch, degree + 1, m): c_k at the samples
             p = (c * powers[..., :degree + 1, :]).sum(-2, keepdims=True)
             t = np.clip(1.0 - np.square((f - p) / cutoff), 0.0, None)
@@ -450,7 +455,7 @@ class NCC:
     moving image is flat the local fit has no slope (a = 0) and the data term is
     absent, as local correlation is undefined there.
 
-    The defaults (window, degree, bias order, weights) were chosen on ACDC train
+    The defaults (window, degree, bias order, robust cutoff, weights) were chosen on ACDC train
     slices with and without a contrast change (``benchmarks/contrast_change.py
     --grid``; figures in docs/bench.md).
 
@@ -464,9 +469,11 @@ class NCC:
         coordinates: 2 absorbs a smooth (quadratic) bias field; 0: one map for the whole image.
     floor : the local fit's ridge, as a fraction of the images' standard deviation (flat regions give a -> 0).
     robust : the global map's fit is reweighted by Tukey's biweight with this cutoff, a fraction of the
-        images' standard deviation (:func:`intensity_map_coefficients`' ``cutoff``; 0.4 measured in
-        docs/bench.md): residuals beyond it (a structure not aligned yet, a large motion) do not pull the
-        map, at three more passes of the fit per warp; ``None`` (the default): least squares.
+        images' standard deviation (:func:`intensity_map_coefficients`' ``cutoff``; 0.4, chosen on ACDC
+        train slices in docs/bench.md): residuals beyond it (a structure not aligned yet, a large motion) do
+        not pull the map. On a level's first warp the fit is refitted three times, on each later warp once,
+        reweighted by the previous warp's map (the reweighting runs across the warps, at one extra pass of
+        the fit per warp); ``None``: least squares.
     eps : as :class:`L1`, keeps flat regions finite in the step.
     """
 
@@ -474,8 +481,11 @@ class NCC:
     degree: int = 2
     bias_order: int = 2
     floor: float = 0.1
-    robust: float | None = None
+    robust: float | None = 0.4
     eps: float = 1e-6
+    #: the last fitted map per grid shape (with ``robust``: the next warp's reweighting starts from it);
+    #: cleared by :meth:`reset`, which :func:`varreg.engine.solve` calls once per pyramid level
+    _maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     name = "ncc"
     weights = Weights(theta=0.1, lam=0.14, refine_lam=0.04)
     default_window = 121
@@ -495,6 +505,10 @@ class NCC:
             raise ValueError(f"ncc robust must be a positive fraction of the standard deviation or None, "
                              f"got {self.robust!r}")
 
+    def reset(self):
+        """Drop the previous warp's map: the next fit is a cold one."""
+        self._maps.clear()
+
     def prepare(self, fixed, moving, ndim: int):
         """Each image standardised globally to mean 0 and standard deviation :attr:`scale` (a constant
         image becomes zeros)."""
@@ -508,7 +522,11 @@ class NCC:
         window = min(self.default_window if self.window is None else self.window, shortest)
         ridge = (self.floor * self.scale) ** 2
         cutoff = None if self.robust is None else self.robust * self.scale
-        coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order, cutoff)
+        key = tuple(warped.shape)
+        coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order, cutoff,
+                                          None if cutoff is None else self._maps.get(key))
+        if cutoff is not None:
+            self._maps[key] = coef
         if takes_kernel(g, ndim) and support is None and warped.dtype == np.float32:
             # fused: the block statistics of p(x, W), and the combination below, each one numba pass
             from . import kernels
@@ -556,6 +574,11 @@ class _Wrapper:
 
     def step(self, v, lin, theta):
         return self.term.step(v, lin, theta)
+
+    def reset(self):
+        reset = getattr(self.term, "reset", None)
+        if reset is not None:
+            reset()
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,9 @@ class DataTerm(Protocol):
 
     May also define ``prepare(fixed, moving, ndim) -> (fixed', moving')``: the images
     the linearisation works on, computed once per call of :func:`solve` (per
-    pyramid level), e.g. locally standardised intensities (:class:`varreg.data_terms.NCC`).
+    pyramid level), e.g. locally standardised intensities (:class:`varreg.data_terms.NCC`), and
+    ``reset()``, called with it: to drop what one warp left for the next (:class:`varreg.data_terms.NCC`'s
+    previous intensity map), as a :class:`Denoiser`'s.
     """
 
     name: str
@@ -129,6 +131,8 @@ def solve(fixed, moving, u, *, data_term: DataTerm, denoiser, theta, lam: float,
     for d in {id(d): d for d in denoisers}.values():
         if hasattr(d, "reset"):
             d.reset()
+    if hasattr(data_term, "reset"):
+        data_term.reset()
     prepare = getattr(data_term, "prepare", None)
     if prepare is not None:
         fixed, moving = prepare(fixed, moving, ndim)
