@@ -198,7 +198,7 @@ def test_robust_map_fit_ignores_a_structure_that_is_not_aligned(shape):
 
 def test_ncc_robust_warm_start_lives_within_one_call():
     """The previous warp's map is carried to the next warp of a level only: one ``NCC(robust=...)`` used
-    for two registrations (or for a pair after another) gives what a fresh one gives."""
+    for two registrations (or for a pair after another, or in threads at once) gives what a fresh one gives."""
     rng = np.random.default_rng(5)
     f = synthetic.smooth_random_image((48, 44), rng=rng)
     m = synthetic.contrast_change(synthetic.smooth_random_image((48, 44), rng=rng), gamma=0.7)
@@ -210,6 +210,13 @@ def test_ncc_robust_warm_start_lives_within_one_call():
     np.testing.assert_array_equal(varreg.register(f, m, data_term=NCC(window=9, robust=0.4)).displacement, first)
     term.reset()
     assert not term._maps
+    # one instance in several threads at once: each thread's warps carry its own maps
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda fm: varreg.register(*fm, data_term=term).displacement, [(f, m), (m, f), (f, m)]))
+    np.testing.assert_array_equal(runs[0], first)
+    np.testing.assert_array_equal(runs[2], first)
 
 
 def test_ncc_robust_is_validated():

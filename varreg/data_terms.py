@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -483,7 +484,8 @@ class NCC:
     floor: float = 0.1
     robust: float | None = 0.4
     eps: float = 1e-6
-    #: the last fitted map per grid shape (with ``robust``: the next warp's reweighting starts from it);
+    #: the last fitted map per (thread, grid shape) (with ``robust``: the next warp's reweighting starts
+    #: from it; per thread, so that one instance serves concurrent registrations); a thread's entries are
     #: cleared by :meth:`reset`, which :func:`varreg.engine.solve` calls once per pyramid level
     _maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     name = "ncc"
@@ -506,8 +508,10 @@ class NCC:
                              f"got {self.robust!r}")
 
     def reset(self):
-        """Drop the previous warp's map: the next fit is a cold one."""
-        self._maps.clear()
+        """Drop this thread's previous warp's map: its next fit is a cold one."""
+        me = threading.get_ident()
+        for key in [k for k in list(self._maps) if k[0] == me]:
+            self._maps.pop(key, None)
 
     def prepare(self, fixed, moving, ndim: int):
         """Each image standardised globally to mean 0 and standard deviation :attr:`scale` (a constant
@@ -522,7 +526,7 @@ class NCC:
         window = min(self.default_window if self.window is None else self.window, shortest)
         ridge = (self.floor * self.scale) ** 2
         cutoff = None if self.robust is None else self.robust * self.scale
-        key = tuple(warped.shape)
+        key = (threading.get_ident(), tuple(warped.shape))
         coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order, cutoff,
                                           None if cutoff is None else self._maps.get(key))
         if cutoff is not None:
