@@ -29,6 +29,8 @@ CASES = [
     ("l2-tv-vectorial", lambda: data_terms.L2(), lambda: denoisers.TV(3, coupled=True)),
     ("l1-huber-aniso", lambda: data_terms.L1(), lambda: denoisers.Huber(0.05, 3, spacing=None)),
     ("l1-quadratic", lambda: data_terms.L1(), lambda: denoisers.Quadratic(5)),
+    # the robust intensity map carried across the warps (state on the host, whatever the backend)
+    ("ncc-tv", lambda: data_terms.NCC(window=9), lambda: denoisers.TV(3)),
 ]
 
 
@@ -56,14 +58,15 @@ def test_solve_array_api_strict_and_torch_match_numpy(shape, name, make_term, ma
 
 
 @needs_torch
-def test_solve_on_batched_torch_tensors_matches_each_item():
+@pytest.mark.parametrize("make_term", [data_terms.L1, lambda: data_terms.NCC(window=9)], ids=["l1", "ncc"])
+def test_solve_on_batched_torch_tensors_matches_each_item(make_term):
     f, m, u = _pair((32, 28))
     f2, m2, _ = _pair((32, 28), seed=1)
     batch = engine.solve(torch.from_numpy(np.stack([f, f2])), torch.from_numpy(np.stack([m, m2])),
-                         torch.from_numpy(np.stack([u, u])), data_term=data_terms.L1(), denoiser=denoisers.TV(3),
+                         torch.from_numpy(np.stack([u, u])), data_term=make_term(), denoiser=denoisers.TV(3),
                          theta=0.3, lam=0.1, n_warps=2, n_iters=3, ndim=2)
     for b, (fb, mb) in enumerate(((f, m), (f2, m2))):
-        one = engine.solve(fb, mb, u, data_term=data_terms.L1(), denoiser=denoisers.TV(3), theta=0.3, lam=0.1,
+        one = engine.solve(fb, mb, u, data_term=make_term(), denoiser=denoisers.TV(3), theta=0.3, lam=0.1,
                            n_warps=2, n_iters=3, ndim=2)
         np.testing.assert_allclose(batch[b].numpy(), one, rtol=0, atol=1e-4)
 
