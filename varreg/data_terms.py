@@ -299,17 +299,18 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
         coef = np.linalg.solve(gram, cross.reshape(cross.shape[:-2] + (n, 1)))[..., 0]
         return coef.reshape(cross.shape[:-2] + (degree + 1, nb))
 
+    # the cutoff of each pass (None: unweighted); a warm start needs no least-squares pass first
     warm = cutoff is not None and start is not None
-    refits = 0 if cutoff is None else _WARM_REFITS if warm else _ROBUST_REFITS
+    passes = [cutoff] * _WARM_REFITS if warm else [None] + [cutoff] * (0 if cutoff is None else _ROBUST_REFITS)
+    coef = np.asarray(start, np.float64) if warm else None
     if fused:  # the numba pass; with a cutoff it weights each sample by the previous map's residual
         from . import kernels
 
         strides, pows, exps = _kernel_grid(spatial, ndim, order, stride)
         f, w = np.ascontiguousarray(fixed), np.ascontiguousarray(warped)
-        coef = start if warm else None
-        for it in range(refits + (not warm)):  # a cold fit's first pass unweighted (cutoff 0)
+        for cut in passes:  # cutoff 0: unweighted
             coef = solve(*kernels.map_moments(f, w, strides, pows, exps, inner, degree, coef,
-                                              cutoff if warm or it else 0.0, _ROBUST_FLOOR))
+                                              0.0 if cut is None else cut, _ROBUST_FLOOR))
         return coef
     # the reference: any backend, batched, with a support
     w = to_numpy(warped[grid]).astype(np.float64)  # (*batch, *sub)
@@ -327,12 +328,11 @@ def intensity_map_coefficients(fixed, warped, ndim: int, degree: int, support=No
     powers = np.concatenate(powers, axis=-2)  # (*batch, 2 degree + 1, m)
     fpowers = f * powers[..., :degree + 1, :]
     weight = s
-    coef = np.asarray(start, np.float64) if warm else None
-    for it in range(refits + (not warm)):
-        if warm or it:  # Tukey's biweight of the previous map's residuals
+    for cut in passes:
+        if cut is not None:  # Tukey's biweight of the previous map's residuals
             c = coef @ basis  # (*batch, degree + 1, m): c_k at the samples
             p = (c * powers[..., :degree + 1, :]).sum(-2, keepdims=True)
-            t = np.clip(1.0 - np.square((f - p) / cutoff), 0.0, None)
+            t = np.clip(1.0 - np.square((f - p) / cut), 0.0, None)
             weight = np.maximum(t * t, _ROBUST_FLOOR) * s
         moments = ((powers * weight)[..., :, None, :] * mono).sum(-1)  # (*batch, 2 degree + 1, n_mono)
         cross = ((fpowers * weight)[..., :, None, :] * basis).sum(-1)  # (*batch, degree + 1, nb)
@@ -484,9 +484,9 @@ class NCC:
     floor: float = 0.1
     robust: float | None = 0.4
     eps: float = 1e-6
-    #: the last fitted map per (thread, grid shape) (with ``robust``: the next warp's reweighting starts
-    #: from it; per thread, so that one instance serves concurrent registrations); a thread's entries are
-    #: cleared by :meth:`reset`, which :func:`varreg.engine.solve` calls once per pyramid level
+    #: each thread's last fitted map as ``(grid shape, coefficients)`` (with ``robust``: the next warp's
+    #: reweighting starts from it; per thread, so that one instance serves concurrent registrations);
+    #: dropped by :meth:`reset`, which :func:`varreg.engine.solve` calls once per pyramid level
     _maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     name = "ncc"
     weights = Weights(theta=0.1, lam=0.14, refine_lam=0.04)
@@ -509,9 +509,7 @@ class NCC:
 
     def reset(self):
         """Drop this thread's previous warp's map: its next fit is a cold one."""
-        me = threading.get_ident()
-        for key in [k for k in list(self._maps) if k[0] == me]:
-            self._maps.pop(key, None)
+        self._maps.pop(threading.get_ident(), None)
 
     def prepare(self, fixed, moving, ndim: int):
         """Each image standardised globally to mean 0 and standard deviation :attr:`scale` (a constant
@@ -526,11 +524,13 @@ class NCC:
         window = min(self.default_window if self.window is None else self.window, shortest)
         ridge = (self.floor * self.scale) ** 2
         cutoff = None if self.robust is None else self.robust * self.scale
-        key = (threading.get_ident(), tuple(warped.shape))
-        coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order, cutoff,
-                                          None if cutoff is None else self._maps.get(key))
+        start = None
         if cutoff is not None:
-            self._maps[key] = coef
+            shape, start = self._maps.get(threading.get_ident(), (None, None))
+            start = start if shape == warped.shape else None
+        coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order, cutoff, start)
+        if cutoff is not None:
+            self._maps[threading.get_ident()] = (warped.shape, coef)
         if takes_kernel(g, ndim) and support is None and warped.dtype == np.float32:
             # fused: the block statistics of p(x, W), and the combination below, each one numba pass
             from . import kernels
