@@ -121,6 +121,15 @@ def save_affine(outs: OutputSet, paths, solved: ImageRegistration, fixed: vio.Im
     outs.save_nifti(vio.displacement_nifti(r, fixed), paths[1])
 
 
+def _check_not_constant(img, path):
+    """An image to register with one value everywhere holds no structure to align: :class:`InputError`
+    (the Python API instead returns a zero field for it, :func:`varreg.register`)."""
+    lo, hi = float(img.data.min()), float(img.data.max())
+    if lo == hi:
+        raise InputError(path, f"is constant (every voxel is {lo:g}): it holds no structure to register; "
+                               "check that it is the right file (and frame)")
+
+
 def _qc_path(qc, outdir):
     if qc is None:
         return None
@@ -162,6 +171,8 @@ def run_register(fixed_path, moving_path, outdir, *, fixed_labels=None, moving_l
         # 2. inputs
         fixed = load_image(fixed_path, frame=ff, frame_flag="--frame (or --fixed-frame)")
         moving = load_image(moving_path, frame=mf, frame_flag="--frame (or --moving-frame)")
+        for img, path in ((fixed, fixed_path), (moving, moving_path)):
+            _check_not_constant(img, path)
         p_warped_plain = None
         if moving.fmt not in ("nifti", ".npy") and moving.shape[2] == 1 and fixed.shape[2] == 1:
             p_warped_plain = outs.plan(os.path.join(outdir, f"warped{moving.fmt}"))

@@ -425,7 +425,8 @@ def _bad_inputs(tmp, reg):
     save(d / "floatlab.nii.gz", fl)
     save(d / "smalllab.nii.gz", np.zeros((8, 8, 3), np.uint8))
     save(d / "other_grid.nii.gz", a[:-2])
-    save(d / "tiny.nii.gz", np.zeros((3, 28, 6), np.float32))
+    save(d / "tiny.nii.gz", np.random.default_rng(0).random((3, 28, 6), np.float32))
+    save(d / "constant.nii.gz", np.full(a.shape, 3.0, np.float32))
     disp = reg["out"] / "displacement.nii.gz"
     other = d / "other_disp.nii.gz"
     nib.save(vio.displacement_nifti(np.zeros((3, 30, 28, 6), np.float32),
@@ -448,6 +449,7 @@ def _bad_inputs(tmp, reg):
         "labels-grid": (reg_ + [good_m, "-o", o, "--moving-labels", d / "smalllab.nii.gz"], "smalllab.nii.gz"),
         "fixed-labels-alone": (reg_ + [good_m, "-o", o, "--fixed-labels", reg["fixed_labels"]], "fixed_labels"),
         "other-grid": (reg_ + [d / "other_grid.nii.gz", "-o", o], "other_grid.nii.gz"),
+        "constant": (reg_ + [d / "constant.nii.gz", "-o", o], "constant.nii.gz"),
         "too-small": (["register", d / "tiny.nii.gz", d / "tiny.nii.gz", "-o", o], "tiny.nii.gz"),
         "bad-theta": (reg_ + [good_m, "-o", o, "--theta", "-1"], "--theta"),
         "bad-denoiser": (reg_ + [good_m, "-o", o, "--denoiser", "median"], "--denoiser"),
@@ -466,7 +468,7 @@ def _bad_inputs(tmp, reg):
 
 
 CASES = ["missing", "directory", "empty", "garbage", "truncated", "unknown-type", "nan", "inf", "4d-no-frame",
-         "frame-out-of-range", "float-labels", "labels-grid", "fixed-labels-alone", "other-grid", "too-small",
+         "frame-out-of-range", "float-labels", "labels-grid", "fixed-labels-alone", "other-grid", "constant", "too-small",
          "bad-theta", "bad-denoiser", "outdir-is-file", "apply-disp-mismatch", "apply-not-a-disp",
          "apply-float-labels", "apply-corrupt-disp", "evaluate-disp-mismatch", "evaluate-grid", "initial-grid",
          "unknown-output-type", "bad-threads"]
