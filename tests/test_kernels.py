@@ -260,23 +260,34 @@ def test_parallel_equals_serial(shape):
 
 
 @pytest.mark.parametrize("shape", [(64, 58), (21, 26, 19)])
-@pytest.mark.parametrize("degree,bias_order", [(1, 0), (2, 0), (3, 1), (2, 2), (1, 3)])
-def test_ncc_kernels_match_the_array_api_linearisation(shape, degree, bias_order, monkeypatch):
-    """NumPy float32 takes the numba kernels (block statistics, combination); the array-API code is
-    their reference, to float32 rounding."""
+@pytest.mark.parametrize("degree,bias_order,robust,local", [(1, 0, 0.4, 0.2), (2, 0, None, None), (3, 1, 0.4, None),
+                                                        (2, 2, 0.4, 0.2), (2, 2, None, 0.3), (1, 3, 0.4, 0.4)])
+def test_ncc_kernels_match_the_array_api_linearisation(shape, degree, bias_order, robust, local, monkeypatch):
+    """NumPy float32 takes the numba kernels (block statistics, combination; with ``local_robust`` the block
+    statistics also weighted by a local fit's biweight); the array-API code is their reference, to float32
+    rounding, on a level's first warp and on the next."""
     rng = np.random.default_rng(8)
     W = ndimage.gaussian_filter(rng.random(shape), 2.0).astype(np.float32)
     W = (W - W.min()) / np.ptp(W)
     ramp = np.linspace(0.7, 1.3, shape[-1])  # a bias along the last axis, which the kernels' rows evaluate
     F = (ramp * W ** 0.7 + 0.05 * rng.random(shape)).astype(np.float32)
     uw = rng.normal(0, 1.5, (len(shape), *shape)).astype(np.float32)
-    term = data_terms.NCC(window=15, degree=degree, bias_order=bias_order)
+    term = data_terms.NCC(window=15, degree=degree, bias_order=bias_order, robust=robust, local_robust=local)
     fused = term.linearise(F, W, uw, len(shape))
     term.reset()  # the reference's fit cold as well (the robust map's refits go on from the last warp's)
     monkeypatch.setattr(data_terms, "takes_kernel", lambda *a: False)
     ref = term.linearise(F, W, uw, len(shape))
     for x, y in zip(fused, ref):
         np.testing.assert_allclose(x, y, atol=5e-5)
+    if robust is not None or local is not None:  # the next warp: the reweightings go on from each path's previous fits
+        uw2 = uw + rng.normal(0, 0.3, uw.shape).astype(np.float32)
+        ref = term.linearise(F, W, uw2, len(shape))
+        monkeypatch.undo()
+        term.reset()
+        term.linearise(F, W, uw, len(shape))
+        fused = term.linearise(F, W, uw2, len(shape))
+        for x, y in zip(fused, ref):
+            np.testing.assert_allclose(x, y, atol=5e-5)
 
 
 @pytest.mark.parametrize("shape", [(150, 131), (30, 27, 25)])

@@ -1,5 +1,6 @@
 """Local NCC (data_term="ncc"): local standardisation, its u-step against brute force, invariance, recovery."""
 import numpy as np
+from scipy import ndimage
 import pytest
 from scipy.optimize import minimize
 
@@ -41,14 +42,17 @@ def test_local_standardise_undoes_affine_and_slowly_varying_intensity_changes():
     assert np.isfinite(const).all() and np.abs(const).max() == 0
 
 
-def test_local_affine_fit_is_the_weighted_least_squares_fit():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_local_affine_fit_is_the_weighted_least_squares_fit(weighted):
     """Small window (no blocks): per voxel, the ridge least-squares fit of F on W under the
-    Gaussian weights (scipy's kernel, border replicated), solved here directly."""
+    Gaussian weights (scipy's kernel, border replicated), times the voxels' own weights where given
+    (``support``, as NCC's robust weights), solved here directly."""
     rng = np.random.default_rng(5)
     W = synthetic.smooth_random_image((18, 16), sigma=1.5, rng=rng)
     F = 0.8 * W + 0.3 * synthetic.smooth_random_image((18, 16), sigma=2.0, rng=rng) + 0.1
     window, ridge = 5.0, 1e-3
-    a, b = local_affine_fit(F, W, 2, window, ridge)
+    voxel = rng.uniform(0.01, 1.0, W.shape) if weighted else np.ones(W.shape)
+    a, b = local_affine_fit(F, W, 2, window, ridge, voxel if weighted else None)
     sigma = window / 12**0.5
     r = int(3 * sigma + 0.5)
     k1 = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
@@ -59,9 +63,9 @@ def test_local_affine_fit_is_the_weighted_least_squares_fit():
             for dj in range(-r, r + 1):
                 p, q = min(max(i + di, 0), 17), min(max(j + dj, 0), 15)
                 rows.append((W[p, q], F[p, q]))
-                wts.append(k1[di + r] * k1[dj + r])
+                wts.append(k1[di + r] * k1[dj + r] * voxel[p, q])
         w_, f_ = np.array(rows).T
-        wts = np.array(wts)
+        wts = np.array(wts) / np.sum(wts)
         # minimise sum wts (f - a w - c)^2 + ridge a^2 (weights summing to 1)
         A = np.stack([w_ * np.sqrt(wts), np.sqrt(wts)], 1)
         A = np.vstack([A, [np.sqrt(ridge), 0.0]])
@@ -85,24 +89,26 @@ def _spatial_basis(shape, order):
     return [y ** i * x ** j for i in range(order + 1) for j in range(order + 1 - i)]
 
 
-@pytest.mark.parametrize("theta,degree,bias_order,robust,warm",
-                         [(0.3, 1, 0, None, False), (2.0, 1, 0, 0.4, False), (0.3, 2, 0, None, False),
-                          (2.0, 2, 0, 0.4, False), (0.3, 2, 2, 0.4, False), (2.0, 1, 1, None, False),
-                          (0.3, 2, 1, 0.15, False), (0.3, 2, 2, 0.4, True), (2.0, 2, 1, 0.15, True)])
-def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order, robust, warm):
+@pytest.mark.parametrize("theta,degree,bias_order,robust,local,warm",
+                         [(0.3, 1, 0, None, None, False), (2.0, 1, 0, 0.4, None, False), (0.3, 2, 0, None, None, False),
+                          (2.0, 2, 0, 0.4, None, False), (0.3, 2, 2, 0.4, None, False), (2.0, 1, 1, None, None, False),
+                          (0.3, 2, 1, 0.15, None, False), (0.3, 2, 2, 0.4, None, True), (2.0, 2, 1, 0.15, None, True),
+                          (2.0, 2, 0, 0.4, 0.2, False), (0.3, 2, 2, 0.4, 0.2, True), (0.3, 2, 1, None, 0.3, True)])
+def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order, robust, local, warm):
     """The u-step on the prepared (standardised) images minimises |rho(u)| + theta/2 |v - u|^2 per voxel,
     rho built here from scratch: a (p(x, W) + p'(x, W) g.(u - u_w)) + b - F with W the warped
     standardised moving image, g its gradient, p the global map (a polynomial in W whose coefficients
     are polynomials of the coordinates of order ``bias_order``, fitted by least squares or, with ``robust``,
-    reweighted by Tukey's biweight of the residuals) and (a, b) the local fit of F on p(x, W), all frozen
-    within the warp. ``warm``: the term has linearised once before (the same warp point, as if the
+    reweighted by Tukey's biweight of the residuals) and (a, b) the local fit of F on p(x, W) (with
+    ``local``: weighted by the biweight of a least-squares local fit's residuals), all frozen within the
+    warp. ``warm``: the term has linearised once before (the same warp point, as if the
     motion had not changed), so its reweighting goes on from that map by one more refit."""
     rng = np.random.default_rng(2)
     f = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
     m = synthetic.smooth_random_image((20, 18), rng=rng).astype(np.float64)
     uw = rng.normal(0, 0.5, (2, 20, 18))
     v = uw + rng.normal(0, 0.3, (2, 20, 18))
-    term = NCC(window=7, degree=degree, bias_order=bias_order, robust=robust)  # any window: the same closed form
+    term = NCC(window=7, degree=degree, bias_order=bias_order, robust=robust, local_robust=local)  # any window
     f_s, m_s = term.prepare(f, m, 2)
     if warm:
         term.linearise(f_s, m_s, uw, 2)
@@ -113,16 +119,27 @@ def test_ncc_u_step_minimises_its_subproblem(theta, degree, bias_order, robust, 
     phis = _spatial_basis(warped.shape, bias_order)
     cols = [phi * warped ** k for k in range(degree + 1) for phi in phis]
     X, y = np.stack([c.ravel() for c in cols], 1), f_s.ravel()
+    ridge = (term.floor * term.scale) ** 2
     coef = np.linalg.lstsq(X, y, rcond=None)[0]
-    refits = (data_terms._ROBUST_REFITS + warm * data_terms._WARM_REFITS) if robust else 0
-    for _ in range(refits):  # iteratively reweighted least squares
-        r = (y - X @ coef) / (robust * term.scale)
-        wt = np.sqrt(np.maximum(np.clip(1 - r ** 2, 0, None) ** 2, data_terms._ROBUST_FLOOR))
-        coef = np.linalg.lstsq(X * wt[:, None], y * wt, rcond=None)[0]
-    c_k = [sum(coef[k * len(phis) + j] * phi for j, phi in enumerate(phis)) for k in range(degree + 1)]
-    mapped = sum(c * warped ** k for k, c in enumerate(c_k))
-    slope = sum(k * c * warped ** (k - 1) for k, c in enumerate(c_k) if k)
-    a, b = local_affine_fit(f_s, mapped, 2, 7, (term.floor * term.scale) ** 2)
+    # one call per warp: with robust, the map refitted _ROBUST_REFITS times (then _WARM_REFITS more on
+    # the next call); with local, the local fit weighted by the biweight of the residual of the previous
+    # call's least-squares local fit (the first call: its own); least squares otherwise
+    for call in range(1 + warm):
+        for _ in range(((data_terms._WARM_REFITS if call else data_terms._ROBUST_REFITS)) if robust else 0):
+            r = (y - X @ coef) / (robust * term.scale)  # iteratively reweighted least squares
+            wt = np.sqrt(np.maximum(np.clip(1 - r ** 2, 0, None) ** 2, data_terms._ROBUST_FLOOR))
+            coef = np.linalg.lstsq(X * wt[:, None], y * wt, rcond=None)[0]
+        c_k = [sum(coef[k * len(phis) + j] * phi for j, phi in enumerate(phis)) for k in range(degree + 1)]
+        mapped = sum(c * warped ** k for k, c in enumerate(c_k))
+        slope = sum(k * c * warped ** (k - 1) for k, c in enumerate(c_k) if k)
+        a, b = local_affine_fit(f_s, mapped, 2, 7, ridge)
+        if local:  # weighted by the previous call's least-squares fit (the first call: by its own)
+            pa, pb = (a, b) if call == 0 else least
+            least = (a, b)
+            r = (pa * mapped + pb - f_s) / (local * term.scale)
+            voxel = np.maximum(np.clip(1 - r ** 2, 0, None) ** 2, data_terms._ROBUST_FLOOR)
+            assert voxel.min() < 0.5  # some voxels really are down-weighted
+            a, b = local_affine_fit(f_s, mapped, 2, 7, ridge, voxel)
     assert a.min() >= 0 and np.ptp(a) > 0.05  # a real, varying fit
     for (i, j) in [(3, 4), (10, 9), (15, 2), (7, 14)]:
         gi = a[i, j] * slope[i, j] * g[:, i, j]
@@ -196,6 +213,44 @@ def test_robust_map_fit_ignores_a_structure_that_is_not_aligned(shape):
                                truth, atol=1e-6)  # exact data: every weight is 1
 
 
+@pytest.mark.parametrize("shape", [(96, 88), (40, 36, 30)])
+def test_robust_local_fit_keeps_a_structure_that_is_not_aligned_visible(shape):
+    """F = W except in a small block where F is brighter by a quarter of the range (a structure the
+    motion has not brought into place yet), both through NCC's standardisation. The least-squares local
+    fit partly explains the block away (its a, b bend in the windows around it, so the data term loses
+    the residual that should move the field, and the fit is wrong around the block too); its refit
+    weighted by the biweight of that fit's residual keeps a p + b = W around and inside the block (the
+    residual there stays the block's step), on the numba path and on the reference alike."""
+    rng = np.random.default_rng(13)
+    W = ndimage.gaussian_filter(rng.random(shape), 3.0).astype(np.float32)
+    W = (W - W.min()) / np.ptp(W)
+    F = W.copy()
+    block = tuple(slice(n // 2 - n // 8, n // 2 + n // 8) for n in shape)
+    F[block] += 0.25
+    zero = np.zeros((len(shape), *shape), np.float32)
+    plain, robust = NCC(window=21), NCC(window=21, local_robust=0.2)
+    f_s, w_s = robust.prepare(F, W, len(shape))
+    gain = robust.scale / F.std()  # F's standardisation: outside the block the ideal fit is W on F's scale
+    ideal = (W - F.mean()) * gain
+    ring = np.zeros(shape, bool)
+    ring[tuple(slice(n // 2 - n // 4, n // 2 + n // 4) for n in shape)] = True
+    ring[block] = False
+    for fused in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not fused:
+                mp.setattr(data_terms, "takes_kernel", lambda *a: False)
+            fit_ls = plain.linearise(f_s, w_s, zero, len(shape)).warped
+            robust.reset()
+            fit_rb = robust.linearise(f_s, w_s, zero, len(shape)).warped
+        err_ls, err_rb = (np.abs(x - ideal) for x in (fit_ls, fit_rb))
+        step = 0.25 * gain
+        res_ls, res_rb = (np.mean(f_s[block] - x[block]) for x in (fit_ls, fit_rb))
+        assert err_ls[ring].mean() > 0.03 * step  # least squares: bent around the block
+        assert err_rb[ring].mean() < 0.2 * err_ls[ring].mean()
+        # inside the block the refit keeps most of the step as residual; least squares hides more of it
+        assert res_rb > 0.8 * step and res_rb > res_ls + 0.05 * step
+
+
 def test_ncc_robust_warm_start_lives_within_one_call():
     """The previous warp's map is carried to the next warp of a level only: one ``NCC(robust=...)`` used
     for two registrations (or for a pair after another, or in threads at once) gives what a fresh one gives."""
@@ -220,10 +275,12 @@ def test_ncc_robust_warm_start_lives_within_one_call():
 
 
 def test_ncc_robust_is_validated():
-    for bad in (0, -0.1, "x"):
-        with pytest.raises(ValueError, match="robust"):
+    for bad in (0, -0.1, "x", True):
+        with pytest.raises(ValueError, match="ncc robust"):
             NCC(robust=bad)
-    assert NCC(robust=None).robust is None
+        with pytest.raises(ValueError, match="ncc local_robust"):
+            NCC(local_robust=bad)
+    assert NCC(robust=None).robust is None and NCC().local_robust is None
 
 
 def test_ncc_degree_and_bias_order_are_validated():

@@ -167,8 +167,9 @@ def local_affine_fit(fixed, warped, ndim: int, window: float, ridge: float, supp
     voxels), computed on a grid of blocks of ``k ~ sigma / 2`` voxels and interpolated back
     linearly: the guided filter's local linear model (He, Sun and Tang, "Guided image filtering",
     TPAMI 2013; subsampled as in He and Sun, "Fast guided filter", 2015), with ``a = cov / (var +
-    ridge)``. ``support`` (``(*spatial)`` of 0/1) restricts the statistics to the voxels inside it
-    (normalised convolution). The best affine fit's residual is what local correlation measures:
+    ridge)``. ``support`` (``(*spatial)`` of 0/1, or per-voxel weights ``>= 0`` of ``fixed``'s shape, as
+    :func:`local_fit_weights`) weights the statistics voxel by voxel (normalised convolution: a weighted
+    least-squares fit in each window). The best affine fit's residual is what local correlation measures:
     ``1 - CC^2 = min_ab sum (F - aW - b)^2 / sum (F - mean F)^2`` in each window (Roche et al.,
     "Unifying maximum likelihood approaches in medical image registration", IJIST 2000).
     """
@@ -185,6 +186,20 @@ def local_affine_fit(fixed, warped, ndim: int, window: float, ridge: float, supp
     return ab[0, ...], ab[1, ...]
 
 
+def local_fit_weights(fixed, fitted, cutoff: float, support=None):
+    """Tukey's biweight ``max((1 - (r / cutoff)^2)_+^2, floor)`` of a local fit's residual ``r = fitted -
+    fixed``, times ``support`` where given: the weights of :class:`NCC`'s robust refit of
+    :func:`local_affine_fit`, so that a structure the motion has not aligned yet does not bend the local
+    fit towards it (its ``a``, ``b`` come from the consistent voxels around it, and its residual stays
+    to move the field). ``fixed``, ``fitted``: ``(*batch, *spatial)``; ``cutoff``: intensity units of
+    ``fixed``; ``floor`` = ``_ROBUST_FLOOR`` keeps every window's statistics defined."""
+    xp = namespace(fixed, fitted)
+    r = (fitted - fixed) / cutoff
+    t = xp.maximum(1.0 - r * r, xp.zeros_like(r))
+    w = xp.maximum(t * t, xp.full_like(t, _ROBUST_FLOOR))
+    return w if support is None else w * xp.astype(support, w.dtype)
+
+
 def _fit_scale(window: float):
     """The local fit's Gaussian standard deviation (voxels) and its block size."""
     sigma = float(window) / 12.0**0.5
@@ -193,9 +208,19 @@ def _fit_scale(window: float):
 
 def _coarse_fit(blocks, sigma: float, ndim: int, ridge: float):
     """``(a, b)`` ``(2, *coarse)`` from the block means ``(4 or 5, *coarse)`` of ``F, W, F W, W W`` (and
-    the support): Gaussian-smoothed with ``sigma`` blocks, then the least-squares slope, ``a >= 0``."""
+    the support or weights): Gaussian-smoothed with ``sigma`` blocks, then the least-squares slope, ``a >=
+    0``. Nine channels (the plain four, then the weighted five, as :func:`varreg.kernels.ncc_block_stats`
+    gives them): both fits, ``(2, 2, *coarse)``, plain first, from one smoothing."""
     xp = namespace(blocks)
     stats = gaussian_smooth(blocks, sigma, ndim)
+    if stats.shape[0] == 9:
+        return xp.stack([_slope_offset(stats[:4, ...], ridge), _slope_offset(stats[4:, ...], ridge)])
+    return _slope_offset(stats, ridge)
+
+
+def _slope_offset(stats, ridge: float):
+    """``(a, b)`` from smoothed means ``(4 or 5, *coarse)`` (the fifth: the weight, dividing the others)."""
+    xp = namespace(stats)
     if stats.shape[0] == 5:
         w = xp.maximum(stats[4, ...], xp.full_like(stats[4, ...], 1e-6))
         stats = stats[:4, ...] / w
@@ -475,6 +500,12 @@ class NCC:
         not pull the map. On a level's first warp the fit is refitted three times, on each later warp once,
         reweighted by the previous warp's map (the reweighting runs across the warps, at one extra pass of
         the fit per warp); ``None``: least squares.
+    local_robust : the local fit's statistics are weighted by Tukey's biweight with this cutoff (the same
+        units) of the residual (:func:`local_fit_weights`) of the previous warp's least-squares local fit
+        (a level's first warp: of its own; its sums come from the same numba pass), so that a structure
+        not aligned yet does not bend the local fit and its residual stays to move the field. ``None``
+        (the default): least squares. 0.2 helps ACDC pairs with a large motion but costs accuracy on
+        textured images and ~8 % time (docs/bench.md), so it is not the default.
     eps : as :class:`L1`, keeps flat regions finite in the step.
     """
 
@@ -483,10 +514,12 @@ class NCC:
     bias_order: int = 2
     floor: float = 0.1
     robust: float | None = 0.4
+    local_robust: float | None = None
     eps: float = 1e-6
-    #: each thread's last fitted map as ``(grid shape, coefficients)`` (with ``robust``: the next warp's
-    #: reweighting starts from it; per thread, so that one instance serves concurrent registrations);
-    #: dropped by :meth:`reset`, which :func:`varreg.engine.solve` calls once per pyramid level
+    #: each thread's last fits as ``((grid shape, fused), map coefficients, least-squares local fit)`` (with
+    #: ``robust`` / ``local_robust``: the next warp's reweightings start from them; per thread, so that one instance serves
+    #: concurrent registrations); dropped by :meth:`reset`, which :func:`varreg.engine.solve` calls once
+    #: per pyramid level
     _maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     name = "ncc"
     weights = Weights(theta=0.1, lam=0.14, refine_lam=0.04)
@@ -503,12 +536,14 @@ class NCC:
                 raise ValueError(f"ncc {name} must be an integer {lo}..{hi}, got {val!r}")
         if not (isinstance(self.floor, (int, float)) and self.floor >= 0):
             raise ValueError(f"ncc floor must be >= 0, got {self.floor!r}")
-        if self.robust is not None and not (isinstance(self.robust, (int, float)) and self.robust > 0):
-            raise ValueError(f"ncc robust must be a positive fraction of the standard deviation or None, "
-                             f"got {self.robust!r}")
+        for name in ("robust", "local_robust"):
+            val = getattr(self, name)
+            if val is not None and not (isinstance(val, (int, float)) and not isinstance(val, bool) and val > 0):
+                raise ValueError(f"ncc {name} must be a positive fraction of the standard deviation or None, "
+                                 f"got {val!r}")
 
     def reset(self):
-        """Drop this thread's previous warp's map: its next fit is a cold one."""
+        """Drop this thread's previous warp's fits: its next ones are cold."""
         self._maps.pop(threading.get_ident(), None)
 
     def prepare(self, fixed, moving, ndim: int):
@@ -524,26 +559,44 @@ class NCC:
         window = min(self.default_window if self.window is None else self.window, shortest)
         ridge = (self.floor * self.scale) ** 2
         cutoff = None if self.robust is None else self.robust * self.scale
-        start = None
-        if cutoff is not None:
-            shape, start = self._maps.get(threading.get_ident(), (None, None))
-            start = start if shape == warped.shape else None
+        local = None if self.local_robust is None else self.local_robust * self.scale
+        # the previous warp's map and least-squares local fit (same level, same thread, same path)
+        fused = takes_kernel(g, ndim) and support is None and warped.dtype == np.float32
+        key = (warped.shape, fused)
+        last, start, prior = self._maps.get(threading.get_ident(), (None, None, None))
+        if last != key:
+            start = prior = None
         coef = intensity_map_coefficients(fixed, warped, ndim, self.degree, support, self.bias_order, cutoff, start)
-        if cutoff is not None:
-            self._maps[threading.get_ident()] = (warped.shape, coef)
-        if takes_kernel(g, ndim) and support is None and warped.dtype == np.float32:
-            # fused: the block statistics of p(x, W), and the combination below, each one numba pass
+        least = None
+        if fused:
+            # fused: the block statistics of p(x, W) (with local_robust: also weighted by the prior local
+            # fit's residual), and the combination below, each one numba pass
             from . import kernels
 
             fixed = np.ascontiguousarray(fixed)
             rows, xs = map_rows(coef, fixed.shape, self.bias_order)
             sigma, k = _fit_scale(window)
-            ab = _coarse_fit(kernels.ncc_block_stats(fixed, warped, rows, xs, k), sigma / k, ndim, ridge)
+            if local is None:
+                ab = _coarse_fit(kernels.ncc_block_stats(fixed, warped, rows, xs, k), sigma / k, ndim, ridge)
+            else:  # weighted by the previous warp's least-squares fit (a level's first warp: by its own)
+                if prior is None:
+                    prior = _coarse_fit(kernels.ncc_block_stats(fixed, warped, rows, xs, k), sigma / k, ndim, ridge)
+                stats = kernels.ncc_block_stats(fixed, warped, rows, xs, k, prior, local, _ROBUST_FLOOR)
+                # this warp's least-squares fit (the plain sums of the same pass) is the next warp's prior
+                least, ab = _coarse_fit(stats, sigma / k, ndim, ridge)
+            if cutoff is not None or local is not None:
+                self._maps[threading.get_ident()] = (key, coef, least)
             fitted = kernels.ncc_combine(ab, k, fixed, warped, rows, xs, g, rho0, gg, self.eps)
             return Linearised(fitted, g, rho0, gg)
         xp = namespace(warped)
         mapped, slope = apply_intensity_map(intensity_map_fields(coef, warped, ndim, self.bias_order), warped, ndim)
-        a, b = local_affine_fit(fixed, mapped, ndim, window, ridge, support)
+        a, b = local_affine_fit(fixed, mapped, ndim, window, ridge, support)  # least squares
+        if local is not None:  # refitted, weighted by the previous warp's least-squares fit (or this one's)
+            least = (a, b)
+            pa, pb = least if prior is None else prior
+            a, b = local_affine_fit(fixed, mapped, ndim, window, ridge, local_fit_weights(fixed, pa * mapped + pb, local, support))
+        if cutoff is not None or local is not None:
+            self._maps[threading.get_ident()] = (key, coef, least)
         gain = a * slope
         fitted = a * mapped + b
         # residual a p + b - F, linearised: its gradient is a p' g, and g.u = W - F - rho0

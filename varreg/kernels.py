@@ -831,47 +831,101 @@ def _map_value(cb, x, w):
     return p, dp
 
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _blend_rows(ab, z0, z1, wz, y0, y1, wy, row):
+    """``row[c, :]``: the coarse ``ab[c]`` blended linearly along z, then y (the separable upsampling's first two axes)."""
+    for c in range(row.shape[0]):
+        for cx in range(row.shape[1]):
+            v0 = ab[c, z0, y0, cx] + wy * (ab[c, z0, y1, cx] - ab[c, z0, y0, cx])
+            v1 = ab[c, z1, y0, cx] + wy * (ab[c, z1, y1, cx] - ab[c, z1, y0, cx])
+            row[c, cx] = v0 + wz * (v1 - v0)
+
+
 @njit(**_opts)
-def _ncc_block_stats(fixed, warped, rows, xs, kz, ky, kx, out):
+def _ncc_block_stats(fixed, warped, rows, xs, kz, ky, kx, prior, lz, hz, fz, ly, hy, fy, lx, hx, fx,
+                     cutoff, floor, out):
     nz, ny, nx = fixed.shape
-    ncz, ncy, ncx = out.shape[1], out.shape[2], out.shape[3]
+    nc, ncz, ncy, ncx = out.shape
     inv = 1.0 / (kz * ky * kx)
+    weighted = cutoff > 0.0
+    inv_cut = 1.0 / cutoff if weighted else 0.0
     for b in prange(ncz * ncy):
         cz = b // ncy
         cy = b - cz * ncy
-        acc = np.zeros((4, ncx))
+        acc = np.zeros((nc, ncx))
         cb = np.empty((rows.shape[0], nx), np.float32)
+        row = np.empty((2, prior.shape[3]), np.float32)
         for tz in range(kz):
             z = min(cz * kz + tz, nz - 1)
             for ty in range(ky):
                 y = min(cy * ky + ty, ny - 1)
                 _map_row(rows, xs, z, y, cb)
+                if weighted:
+                    _blend_rows(prior, lz[z], hz[z], fz[z], ly[y], hy[y], fy[y], row)
                 for cx in range(ncx):
+                    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = 0.0  # this row's part of the block
                     for tx in range(kx):
                         x = min(cx * kx + tx, nx - 1)
                         f = fixed[z, y, x]
                         m, _ = _map_value(cb, x, warped[z, y, x])
-                        acc[0, cx] += f
-                        acc[1, cx] += m
-                        acc[2, cx] += f * m
-                        acc[3, cx] += m * m
-        for c in range(4):
+                        s0 += f
+                        s1 += m
+                        s2 += f * m
+                        s3 += m * m
+                        if weighted:  # Tukey's biweight of the prior local fit's residual, floored
+                            x0, x1, wx = lx[x], hx[x], fx[x]
+                            a = row[0, x0] + wx * (row[0, x1] - row[0, x0])
+                            r = (a * m + row[1, x0] + wx * (row[1, x1] - row[1, x0]) - f) * inv_cut
+                            t = max(1.0 - r * r, 0.0)
+                            wt = max(t * t, floor)
+                            s4 += wt * f
+                            s5 += wt * m
+                            s6 += wt * f * m
+                            s7 += wt * m * m
+                            s8 += wt
+                    acc[0, cx] += s0
+                    acc[1, cx] += s1
+                    acc[2, cx] += s2
+                    acc[3, cx] += s3
+                    if weighted:
+                        acc[4, cx] += s4
+                        acc[5, cx] += s5
+                        acc[6, cx] += s6
+                        acc[7, cx] += s7
+                        acc[8, cx] += s8
+        for c in range(nc):
             for cx in range(ncx):
                 out[c, cz, cy, cx] = acc[c, cx] * inv
 
 
-def ncc_block_stats(fixed: np.ndarray, warped: np.ndarray, rows: np.ndarray, xs: np.ndarray, k) -> np.ndarray:
+def ncc_block_stats(fixed: np.ndarray, warped: np.ndarray, rows: np.ndarray, xs: np.ndarray, k,
+                    prior: np.ndarray | None = None, cutoff: float = 0.0, floor: float = 0.0) -> np.ndarray:
     """Block means of ``F``, ``P``, ``F P`` and ``P P`` with ``P = p(x, warped)`` (``rows``, ``xs``: the map as
     :func:`varreg.data_terms.map_rows`): ``(4, *coarse)`` float32 over blocks of ``k`` voxels per axis, the last one
     completed by the border voxel; :func:`varreg.resample.block_mean` of the four products, in one pass.
-    ``fixed``, ``warped``: ``(*spatial)`` float32, 2-D or 3-D."""
-    k = (1,) * (3 - fixed.ndim) + (int(k),) * fixed.ndim
-    f3 = fixed.reshape((1,) * (3 - fixed.ndim) + fixed.shape)
+    ``fixed``, ``warped``: ``(*spatial)`` float32, 2-D or 3-D. With ``prior`` (``(2, *coarse)``, a local fit
+    ``a``, ``b`` on this grid, upsampled as :func:`ncc_combine` does) and ``cutoff > 0``: ``(9, *coarse)``, the
+    four block means, then the same four with each voxel weighted by
+    :func:`varreg.data_terms.local_fit_weights` of that fit's residual ``a P + b - F``, and the weight itself.
+    """
+    nd = fixed.ndim
+    lead = (1,) * (3 - nd)
+    k = lead + (int(k),) * nd
+    f3 = fixed.reshape(lead + fixed.shape)
     w3 = warped.reshape(f3.shape)
     coarse = tuple(-(-n // kk) for n, kk in zip(f3.shape, k))
-    out = np.empty((4, *coarse), np.float32)
-    _run(_ncc_block_stats, fixed.size, f3, w3, rows, xs, *k, out)
-    return out.reshape((4, *coarse[3 - fixed.ndim:]))
+    weighted = prior is not None and cutoff > 0
+    if weighted:
+        prior3 = np.ascontiguousarray(prior.reshape((2,) + lead + prior.shape[1:]), dtype=np.float32)
+        idx = [t for n, nc, kk in zip(f3.shape, prior3.shape[1:], k) for t in _upsample_index(n, nc, kk)]
+    else:  # unused: placeholders of the right types
+        prior3 = np.zeros((2, 1, 1, 1), np.float32)
+        idx = [t for n in f3.shape for t in _upsample_index(n, 1, 1)]
+    nc = 9 if weighted else 4
+    out = np.empty((nc, *coarse), np.float32)
+    _run(_ncc_block_stats, fixed.size, f3, w3, rows, xs, *k, prior3, *idx,
+         float(cutoff) if weighted else 0.0, float(floor), out)
+    return out.reshape((nc, *coarse[3 - nd:]))
 
 
 @njit(**_opts)
@@ -887,11 +941,7 @@ def _ncc_combine(ab, lz, hz, fz, ly, hy, fy, lx, hx, fx, fixed, warped, rows, xs
         row = np.empty((2, ncx), np.float32)  # the coarse row blended along z, then y (separable)
         cb = np.empty((rows.shape[0], nx), np.float32)
         _map_row(rows, xs, z, y, cb)
-        for c in range(2):
-            for cx in range(ncx):
-                v0 = ab[c, z0, y0, cx] + wy * (ab[c, z0, y1, cx] - ab[c, z0, y0, cx])
-                v1 = ab[c, z1, y0, cx] + wy * (ab[c, z1, y1, cx] - ab[c, z1, y0, cx])
-                row[c, cx] = v0 + wz * (v1 - v0)
+        _blend_rows(ab, z0, z1, wz, y0, y1, wy, row)
         for x in range(nx):
             x0, x1, wx = lx[x], hx[x], fx[x]
             a = row[0, x0] + wx * (row[0, x1] - row[0, x0])
@@ -958,6 +1008,7 @@ def warm_up() -> float:
         map_moments(a, a, (1, 1, 1), (np.ones((1, 1)), np.ones((shape[-2], 1)), np.ones((shape[-1], 1))),
                     np.zeros((1, 3), np.int64), np.zeros(1, np.int64), 1)
         ab = ncc_block_stats(a, a, rows, xs, 2)[:2]
+        ncc_block_stats(a, a, rows, xs, 2, ab, 0.5, 1e-3)
         ncc_combine(ab, 2, a, w, rows, xs, g, rho0, gg, 1e-6)
     return time.perf_counter() - t0
 
