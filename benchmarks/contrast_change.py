@@ -39,6 +39,11 @@ def methods(names):
         "varreg (default, L1)": lambda f, m: varreg.register(f, m).displacement,
         "varreg ncc": lambda f, m: varreg.register(f, m, data_term="ncc").displacement,
     }
+    if "ncc-local" in names:  # the opt-in robust local fit (docs/bench.md)
+        from varreg.data_terms import NCC
+
+        table["varreg ncc, local_robust=0.2"] = lambda f, m: varreg.register(
+            f, m, data_term=NCC(local_robust=0.2)).displacement
     if "skimage" in names:
         from skimage.registration import optical_flow_tvl1
 
@@ -128,7 +133,8 @@ def main(argv=None):
     ap.add_argument("--split", default="val", choices=sorted(acdc.SPLITS))
     ap.add_argument("--every", type=int, default=1, help="every N-th patient")
     ap.add_argument("--seeds", type=int, default=3, help="contrast changes per pair")
-    ap.add_argument("--peers", default="skimage,ants", help="comma list of skimage, ants (when installed)")
+    ap.add_argument("--peers", default="skimage,ants",
+                    help="comma list of skimage, ants (when installed), ncc-local (NCC(local_robust=0.2))")
     ap.add_argument("--grid", action="store_true",
                     help="search the NCC weights, window, floor, bias order and robust cutoff instead")
     args = ap.parse_args(argv)
