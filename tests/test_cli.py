@@ -468,7 +468,8 @@ def _bad_inputs(tmp, reg):
 
 
 CASES = ["missing", "directory", "empty", "garbage", "truncated", "unknown-type", "nan", "inf", "4d-no-frame",
-         "frame-out-of-range", "float-labels", "labels-grid", "fixed-labels-alone", "other-grid", "constant", "too-small",
+         "frame-out-of-range", "float-labels", "labels-grid", "fixed-labels-alone", "other-grid", "constant",
+         "too-small",
          "bad-theta", "bad-denoiser", "outdir-is-file", "apply-disp-mismatch", "apply-not-a-disp",
          "apply-float-labels", "apply-corrupt-disp", "evaluate-disp-mismatch", "evaluate-grid", "initial-grid",
          "unknown-output-type", "bad-threads"]

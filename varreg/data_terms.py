@@ -516,10 +516,10 @@ class NCC:
     robust: float | None = 0.4
     local_robust: float | None = None
     eps: float = 1e-6
-    #: each thread's last fits as ``((grid shape, fused), map coefficients, least-squares local fit)`` (with
-    #: ``robust`` / ``local_robust``: the next warp's reweightings start from them; per thread, so that one instance serves
-    #: concurrent registrations); dropped by :meth:`reset`, which :func:`varreg.engine.solve` calls once
-    #: per pyramid level
+    #: each thread's last fits as ``((grid shape, fused), map coefficients, least-squares local fit)``
+    #: (with ``robust`` or ``local_robust``: the next warp's reweightings start from them; per thread, so
+    #: that one instance serves concurrent registrations); dropped by :meth:`reset`, which
+    #: :func:`varreg.engine.solve` calls once per pyramid level
     _maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     name = "ncc"
     weights = Weights(theta=0.1, lam=0.14, refine_lam=0.04)
@@ -594,7 +594,8 @@ class NCC:
         if local is not None:  # refitted, weighted by the previous warp's least-squares fit (or this one's)
             least = (a, b)
             pa, pb = least if prior is None else prior
-            a, b = local_affine_fit(fixed, mapped, ndim, window, ridge, local_fit_weights(fixed, pa * mapped + pb, local, support))
+            weights = local_fit_weights(fixed, pa * mapped + pb, local, support)
+            a, b = local_affine_fit(fixed, mapped, ndim, window, ridge, weights)
         if cutoff is not None or local is not None:
             self._maps[threading.get_ident()] = (key, coef, least)
         gain = a * slope

@@ -833,7 +833,8 @@ def _map_value(cb, x, w):
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
 def _blend_rows(ab, z0, z1, wz, y0, y1, wy, row):
-    """``row[c, :]``: the coarse ``ab[c]`` blended linearly along z, then y (the separable upsampling's first two axes)."""
+    """``row[c, :]``: the coarse ``ab[c]`` blended linearly along z, then y (the first two axes of the
+    separable upsampling)."""
     for c in range(row.shape[0]):
         for cx in range(row.shape[1]):
             v0 = ab[c, z0, y0, cx] + wy * (ab[c, z0, y1, cx] - ab[c, z0, y0, cx])
