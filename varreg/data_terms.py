@@ -546,6 +546,11 @@ class NCC:
         """Drop this thread's previous warp's fits: its next ones are cold."""
         self._maps.pop(threading.get_ident(), None)
 
+    def _remember(self, key, coef, least):
+        """Keep this warp's fits for the next warp's reweightings (with ``robust`` or ``local_robust``)."""
+        if self.robust is not None or self.local_robust is not None:
+            self._maps[threading.get_ident()] = (key, coef, least)
+
     def prepare(self, fixed, moving, ndim: int):
         """Each image standardised globally to mean 0 and standard deviation :attr:`scale` (a constant
         image becomes zeros)."""
@@ -576,16 +581,14 @@ class NCC:
             fixed = np.ascontiguousarray(fixed)
             rows, xs = map_rows(coef, fixed.shape, self.bias_order)
             sigma, k = _fit_scale(window)
-            if local is None:
-                ab = _coarse_fit(kernels.ncc_block_stats(fixed, warped, rows, xs, k), sigma / k, ndim, ridge)
-            else:  # weighted by the previous warp's least-squares fit (a level's first warp: by its own)
-                if prior is None:
-                    prior = _coarse_fit(kernels.ncc_block_stats(fixed, warped, rows, xs, k), sigma / k, ndim, ridge)
-                stats = kernels.ncc_block_stats(fixed, warped, rows, xs, k, prior, local, _ROBUST_FLOOR)
-                # this warp's least-squares fit (the plain sums of the same pass) is the next warp's prior
+            # least squares; with local_robust the prior of the weighted fit: the previous warp's least-squares
+            # fit, or on a level's first warp this one
+            ab = prior if prior is not None else _coarse_fit(kernels.ncc_block_stats(fixed, warped, rows, xs, k),
+                                                             sigma / k, ndim, ridge)
+            if local is not None:  # this warp's least-squares fit (the plain sums of the same pass): the next prior
+                stats = kernels.ncc_block_stats(fixed, warped, rows, xs, k, ab, local, _ROBUST_FLOOR)
                 least, ab = _coarse_fit(stats, sigma / k, ndim, ridge)
-            if cutoff is not None or local is not None:
-                self._maps[threading.get_ident()] = (key, coef, least)
+            self._remember(key, coef, least)
             fitted = kernels.ncc_combine(ab, k, fixed, warped, rows, xs, g, rho0, gg, self.eps)
             return Linearised(fitted, g, rho0, gg)
         xp = namespace(warped)
@@ -596,8 +599,7 @@ class NCC:
             pa, pb = least if prior is None else prior
             weights = local_fit_weights(fixed, pa * mapped + pb, local, support)
             a, b = local_affine_fit(fixed, mapped, ndim, window, ridge, weights)
-        if cutoff is not None or local is not None:
-            self._maps[threading.get_ident()] = (key, coef, least)
+        self._remember(key, coef, least)
         gain = a * slope
         fitted = a * mapped + b
         # residual a p + b - F, linearised: its gradient is a p' g, and g.u = W - F - rho0

@@ -916,12 +916,9 @@ def ncc_block_stats(fixed: np.ndarray, warped: np.ndarray, rows: np.ndarray, xs:
     w3 = warped.reshape(f3.shape)
     coarse = tuple(-(-n // kk) for n, kk in zip(f3.shape, k))
     weighted = prior is not None and cutoff > 0
-    if weighted:
-        prior3 = np.ascontiguousarray(prior.reshape((2,) + lead + prior.shape[1:]), dtype=np.float32)
-        idx = [t for n, nc, kk in zip(f3.shape, prior3.shape[1:], k) for t in _upsample_index(n, nc, kk)]
-    else:  # unused: placeholders of the right types
-        prior3 = np.zeros((2, 1, 1, 1), np.float32)
-        idx = [t for n in f3.shape for t in _upsample_index(n, 1, 1)]
+    # unweighted: placeholders of the right types, unused
+    prior3, idx = _coarse_upsampling(prior if weighted else np.zeros((2,) + (1,) * nd, np.float32), f3.shape,
+                                     k if weighted else (1, 1, 1))
     nc = 9 if weighted else 4
     out = np.empty((nc, *coarse), np.float32)
     _run(_ncc_block_stats, fixed.size, f3, w3, rows, xs, *k, prior3, *idx,
@@ -958,6 +955,13 @@ def _ncc_combine(ab, lz, hz, fz, ly, hy, fy, lx, hx, fx, fixed, warped, rows, xs
                 g[c, z, y, x] = g[c, z, y, x] * gain
 
 
+def _coarse_upsampling(ab: np.ndarray, shape3: tuple, ks: tuple):
+    """A coarse fit ``(2, *coarse)`` as the kernels read it, ``(2, cz, cy, cx)`` float32, and the nine
+    per-axis index arrays of its linear upsampling onto ``shape3`` (blocks of ``ks`` voxels)."""
+    ab3 = np.ascontiguousarray(ab.reshape((2,) + (1,) * (len(shape3) + 1 - ab.ndim) + ab.shape[1:]), dtype=np.float32)
+    return ab3, [t for n, nc, kk in zip(shape3, ab3.shape[1:], ks) for t in _upsample_index(n, nc, kk)]
+
+
 @functools.lru_cache(maxsize=256)
 def _upsample_index(n: int, nc: int, k: int):
     """Per output voxel along an axis of ``n``: the coarse neighbours and the blend weight (cached; read only by the kernels)."""
@@ -976,9 +980,7 @@ def ncc_combine(ab: np.ndarray, k, fixed, warped, rows, xs, g, rho0, gg, eps: fl
     nd = fixed.ndim
     lead = (1,) * (3 - nd)
     shape3 = lead + fixed.shape
-    ab3 = np.ascontiguousarray(ab.reshape((2,) + lead + ab.shape[1:]), dtype=np.float32)
-    ks = lead + (int(k),) * nd
-    idx = [t for n, nc, kk in zip(shape3, ab3.shape[1:], ks) for t in _upsample_index(n, nc, kk)]
+    ab3, idx = _coarse_upsampling(ab, shape3, lead + (int(k),) * nd)
     fitted = np.empty(shape3, np.float32)
     _run(_ncc_combine, fixed.size, ab3, *idx, fixed.reshape(shape3), warped.reshape(shape3),
          rows, xs, g.reshape((nd,) + shape3), rho0.reshape(shape3), gg.reshape(shape3),
